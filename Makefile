@@ -1,0 +1,37 @@
+# Two entry points: `make demo` (the main job) and `make test` (the tests).
+# Each creates .venv and installs everything it needs on a fresh machine.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+TORCH := torch==2.13.0
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test bench lint system-deps clean
+
+$(STAMP): requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*.cu)
+	@$(MAKE) --no-print-directory system-deps
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH) -r requirements.txt
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $(STAMP)
+
+# Debian packages: espeak-ng speaks the synthetic captions, sox checks audio, libsndfile reads it.
+system-deps:
+	@if ! command -v espeak-ng >/dev/null; then \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq espeak-ng libsndfile1 >/dev/null; \
+	fi
+
+demo: $(STAMP)
+	$(PY) -m omni_core.cli demo
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m omni_core.cli bench packing
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info omni_core/_C*.so

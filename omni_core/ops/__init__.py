@@ -1,0 +1,67 @@
+"""The functional API: the stable public surface of omni-core.
+
+Each op validates its inputs, then dispatches per call (see :mod:`omni_core.ops.dispatch`)
+to the Triton kernel, the native CPU code or the torch reference.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from omni_core.ops import dispatch
+from omni_core.ops.attention import varlen_attention, varlen_attention_reference
+from omni_core.ops.dispatch import BackendUnavailable
+from omni_core.ops.ffn import routed_ffn, routed_ffn_reference
+from omni_core.ops.norm import layer_norm, layer_norm_reference
+from omni_core.ops.packing import PackedBatch, Segment
+from omni_core.ops.routing import RoutingPlan, routing_plan
+
+__all__ = [
+    "BackendUnavailable",
+    "PackedBatch",
+    "RoutingPlan",
+    "Segment",
+    "layer_norm",
+    "layer_norm_reference",
+    "routed_ffn",
+    "routed_ffn_reference",
+    "routing_plan",
+    "varlen_attention",
+    "varlen_attention_reference",
+]
+
+
+def _kernel_loader(module: str, attr: str) -> Callable[[], Callable]:
+    """Import ``omni_core.kernels.<module>.<attr>`` lazily; a missing kernel is a clear error."""
+
+    def load() -> Callable:
+        try:
+            mod = importlib.import_module(f"omni_core.kernels.{module}")
+            return getattr(mod, attr)
+        except (ImportError, AttributeError) as err:
+            raise BackendUnavailable(f"Triton kernel omni_core.kernels.{module}.{attr} is unavailable: {err}") from err
+
+    return load
+
+
+def _native_loader(attr: str) -> Callable[[], Callable]:
+    def load() -> Callable:
+        try:
+            native = importlib.import_module("omni_core._C")
+        except ImportError as err:
+            raise BackendUnavailable(f"omni_core._C is not built: {err}") from err
+        if not hasattr(native, attr):
+            raise BackendUnavailable(f"omni_core._C has no native {attr}")
+        return getattr(native, attr)
+
+    return load
+
+
+for _op, _module, _attr in (
+    ("varlen_attention", "varlen_attention", "varlen_attention_triton"),
+    ("routed_ffn", "routed_ffn", "routed_ffn_triton"),
+    ("layer_norm", "layer_norm", "layer_norm_triton"),
+):
+    dispatch.register(_op, "triton", _kernel_loader(_module, _attr))
+    dispatch.register(_op, "native", _native_loader(_op))
