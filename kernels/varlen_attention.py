@@ -1,0 +1,579 @@
+"""Varlen attention with a gathered relative-position bias, in Triton.
+
+This implements :func:`omni_core.ops.varlen_attention` (see ``omni_core/ops/attention.py``
+for the contract): packed ``q, k, v [T, H, Dh]`` split into sequences by ``cu_seqlens``;
+each token attends only inside its own sequence; when a bias is given, the logit of
+query ``i`` and key ``j`` gets ``bias_table[bias_lut[m, pos[i], pos[j]], h]`` if both tokens
+carry modality ``m`` and that LUT entry is ``>= 0``.
+
+How it works
+------------
+* **Schedule.** Every program owns one (query block or key block, sequence, head). The
+  grid is ``(cdiv(max_seqlen, BLOCK), B, H)``; a program whose block starts past the end of
+  its sequence returns at once, and the inner loop runs only over the blocks of the same
+  sequence, so no key block of another sequence is ever visited and no ``[T, T]`` mask exists.
+* **Bias.** Gathered per tile: ``modality`` and ``position`` of the rows and columns index
+  ``bias_lut``, whose entry indexes ``bias_table``. Neither ``[T, T]`` nor ``[H, L, L]`` is
+  ever materialised.
+* **Forward.** Online softmax in base 2 (``exp2`` is one instruction); the row
+  log-sum-exp (base 2) is saved for the backward.
+* **Backward.** ``delta = rowsum(dO * O)``, then two kernels that recompute the
+  probabilities from the saved log-sum-exp: one per key block accumulates ``dk, dv`` over
+  the query blocks, one per query block accumulates ``dq`` over the key blocks and the bias
+  gradient. Neither needs atomics for ``dq, dk, dv``.
+* **Bias gradient, two modes.** ``fast`` (the default) adds each tile's ``dS`` into
+  ``d bias_table`` with fp32 atomics: one pass, no scratch memory, but the summation order
+  (and so the last bits of ``d bias_table``) changes from run to run. ``deterministic``
+  reduces each tile over its distinct LUT entries in a fixed order into a per-query-block
+  partial row (scratch ``[T / BLOCK_M + B, NB, H]`` fp32), then sums the partial rows;
+  bit-identical across runs, slower when a tile covers many distinct entries. The default
+  is ``fast`` because the bias table is tiny next to ``dq, dk, dv`` (which are deterministic
+  in both modes) and the order noise is far below the fp16/bf16 rounding of the rest of the
+  step; ``torch.use_deterministic_algorithms(True)`` selects ``deterministic``.
+* **Head dims** 32, 64, 80, 96, 128: 80 and 96 are padded to 128 with masks.
+* **Precision.** fp16/bf16 operands feed the tensor cores with fp32 accumulation;
+  fp32 uses IEEE fp32 dots (no TF32) so it meets fp32 accuracy.
+
+The launcher checks only what it can without a host sync (ranks, dtypes, devices, head
+dim); the value checks (``cu_seqlens`` ends, LUT ranges) are done by the callers
+:func:`omni_core.ops.varlen_attention` and :mod:`omni_core.compat` before any launch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from omni_core.kernels._aot import AotConfig
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HEAD_DIMS = (32, 64, 80, 96, 128)
+DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    # The interpreter's bf16 dot is wrong, so it multiplies in fp32 (the operands are
+    # already rounded to the storage dtype, as on the GPU). fp32 inputs avoid TF32.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _bias_tile(Table, Lut, mod_q, pos_q, mod_k, pos_k, h, H, P):
+    """Bias of a tile from broadcastable row/column ids; returns (entry, bias) with
+    entry = -1 where no bias applies (other modality, LUT entry -1, or padding)."""
+    same = mod_q == mod_k
+    lut_off = mod_q.to(tl.int64) * P * P + pos_q * P + pos_k
+    entry = tl.load(Lut + lut_off, mask=same, other=-1)
+    bias = tl.load(Table + entry.to(tl.int64) * H + h, mask=entry >= 0, other=0.0)
+    return entry, bias.to(tl.float32)
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, Lse, CuSeqlens, Table, Lut, Modality, Position,
+    qk_scale,  # softmax scale * log2(e)
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    T, H, P,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    qb = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    seq_start = tl.load(CuSeqlens + b).to(tl.int64)
+    L = (tl.load(CuSeqlens + b + 1) - seq_start).to(tl.int32)
+    if qb * BLOCK_M >= L:
+        return  # this sequence has fewer query blocks than the longest one
+
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok = offs_m < L
+    d_ok = offs_d < HEAD_DIM
+    tok_m = seq_start + offs_m
+    q = tl.load(Q + tok_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if HAS_BIAS:
+        mod_m = tl.load(Modality + tok_m, mask=row_ok, other=-1)
+        pos_m = tl.load(Position + tok_m, mask=row_ok, other=0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < L
+        tok_n = seq_start + cols
+        kT = tl.load(K + tok_n[None, :] * stride_kt + h * stride_kh + offs_d[:, None],
+                     mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        v = tl.load(V + tok_n[:, None] * stride_vt + h * stride_vh + offs_d[None, :],
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        s = _dot(q, kT, UPCAST, IEEE) * qk_scale
+        if HAS_BIAS:
+            mod_n = tl.load(Modality + tok_n, mask=col_ok, other=-2)
+            pos_n = tl.load(Position + tok_n, mask=col_ok, other=0)
+            _, bias = _bias_tile(Table, Lut, mod_m[:, None], pos_m[:, None], mod_n[None, :],
+                                 pos_n[None, :], h, H, P)
+            s += bias * 1.4426950408889634
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        # Key 0 is always valid, so m_new is finite from the first block on.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    tl.store(Out + tok_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + h * T + tok_m, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, Lse, Delta, CuSeqlens, Table, Lut, Modality, Position,
+    qk_scale, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    T, H, P,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One key block: dv = sum_i P^T dO, dk = scale * sum_i dS^T q, over the sequence's
+    query blocks. Works on transposed tiles ([keys, queries]) so no transpose of P is needed.
+    dk/dv share q/k/v strides (they are allocated like k and v)."""
+    kb = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    seq_start = tl.load(CuSeqlens + b).to(tl.int64)
+    L = (tl.load(CuSeqlens + b + 1) - seq_start).to(tl.int32)
+    if kb * BLOCK_N >= L:
+        return
+
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    col_ok = offs_n < L
+    d_ok = offs_d < HEAD_DIM
+    tok_n = seq_start + offs_n
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + tok_n[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + tok_n[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+    if HAS_BIAS:
+        mod_n = tl.load(Modality + tok_n, mask=col_ok, other=-2)
+        pos_n = tl.load(Position + tok_n, mask=col_ok, other=0)
+
+    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    for start_m in range(0, L, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < L
+        tok_m = seq_start + rows
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + tok_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + tok_m[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
+                     mask=q_mask, other=0.0)
+        lse = tl.load(Lse + h * T + tok_m, mask=row_ok, other=0.0)
+        delta = tl.load(Delta + h * T + tok_m, mask=row_ok, other=0.0)
+        sT = _dot(k, tl.trans(q), UPCAST, IEEE) * qk_scale  # [BLOCK_N, BLOCK_M]
+        if HAS_BIAS:
+            mod_m = tl.load(Modality + tok_m, mask=row_ok, other=-1)
+            pos_m = tl.load(Position + tok_m, mask=row_ok, other=0)
+            _, bias = _bias_tile(Table, Lut, mod_m[None, :], pos_m[None, :], mod_n[:, None],
+                                 pos_n[:, None], h, H, P)
+            sT += bias * 1.4426950408889634
+        pT = tl.math.exp2(sT - lse[None, :])
+        pT = tl.where(col_ok[:, None] & row_ok[None, :], pT, 0.0)
+        dv += _dot(pT.to(do.dtype), do, UPCAST, IEEE)
+        dpT = _dot(v, tl.trans(do), UPCAST, IEEE)
+        dsT = pT * (dpT - delta[None, :])
+        dk += _dot(dsT.to(q.dtype), q, UPCAST, IEEE)
+
+    dk *= sm_scale
+    tl.store(DK + tok_n[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + tok_n[:, None] * stride_vt + h * stride_vh + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, DQ, Lse, Delta, CuSeqlens, Table, Lut, Modality, Position, DBias,
+    qk_scale, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    T, H, P, NB,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DETERMINISTIC: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One query block: dq = scale * sum_j dS k over the sequence's key blocks, and the
+    bias gradient dS summed per LUT entry. Fast mode: DBias is [NB, H] fp32, atomics.
+    Deterministic mode: DBias is [rows, NB, H] fp32, one private row per query block
+    (row = start // BLOCK_M + b + qb is unique per block), written without atomics."""
+    qb = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    seq_start = tl.load(CuSeqlens + b).to(tl.int64)
+    L = (tl.load(CuSeqlens + b + 1) - seq_start).to(tl.int32)
+    if qb * BLOCK_M >= L:
+        return
+
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok = offs_m < L
+    d_ok = offs_d < HEAD_DIM
+    tok_m = seq_start + offs_m
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + tok_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + tok_m[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(Lse + h * T + tok_m, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + h * T + tok_m, mask=row_ok, other=0.0)
+    if HAS_BIAS:
+        mod_m = tl.load(Modality + tok_m, mask=row_ok, other=-1)
+        pos_m = tl.load(Position + tok_m, mask=row_ok, other=0)
+        if DETERMINISTIC:
+            DBias += (seq_start // BLOCK_M + b + qb) * NB * H
+
+    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < L
+        tok_n = seq_start + cols
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + tok_n[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + tok_n[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
+        if HAS_BIAS:
+            mod_n = tl.load(Modality + tok_n, mask=col_ok, other=-2)
+            pos_n = tl.load(Position + tok_n, mask=col_ok, other=0)
+            entry, bias = _bias_tile(Table, Lut, mod_m[:, None], pos_m[:, None], mod_n[None, :],
+                                     pos_n[None, :], h, H, P)
+            s += bias * 1.4426950408889634
+        p = tl.math.exp2(s - lse[:, None])
+        p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+        dp = _dot(do, tl.trans(v), UPCAST, IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, UPCAST, IEEE)
+        if HAS_BIAS:
+            if DETERMINISTIC:
+                # Visit the tile's distinct entries in increasing order; padding and
+                # unbiased pairs hold entry -1 (or NB) and are skipped.
+                ent = tl.where(entry >= 0, entry, NB)
+                e = tl.min(tl.min(ent, 1), 0)
+                while e < NB:
+                    hit = ent == e
+                    part = tl.sum(tl.sum(tl.where(hit, ds, 0.0), 1), 0)
+                    slot = DBias + e * H + h
+                    tl.store(slot, tl.load(slot) + part)
+                    tl.debug_barrier()  # the next tile's read-modify-write must see this store
+                    ent = tl.where(hit, NB, ent)
+                    e = tl.min(tl.min(ent, 1), 0)
+            else:
+                tl.atomic_add(DBias + entry.to(tl.int64) * H + h, ds, mask=entry >= 0, sem="relaxed")
+
+    dq *= sm_scale
+    tl.store(DQ + tok_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# ----------------------------------------------------------------------------- configs
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner on a GPU, per head-dim
+# padding. Kept to configs that compile to tensor-core code without spills on sm_80 and
+# sm_90 (see ``benchmarks/kernel_report.py --kernel varlen``).
+FWD_CONFIGS = [(128, 64, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2)]
+BWD_CONFIGS = [(64, 64, 4, 2), (64, 32, 4, 2)]
+# Under the interpreter: one config (autotuning needs a GPU timer), large blocks because
+# the interpreter's cost is per block step.
+INTERPRET_CONFIG = (64, 64, 4, 1)
+
+# Smallest BLOCK_M of any dq config bounds the number of deterministic partial rows.
+_MIN_BWD_BLOCK_M = min(c[0] for c in [*BWD_CONFIGS, INTERPRET_CONFIG])
+
+
+def _triton_configs(configs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    if INTERPRET:
+        configs = [INTERPRET_CONFIG]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in configs]
+
+
+_KEY = ["HEAD_DIM", "HAS_BIAS"]
+_fwd = triton.autotune(_triton_configs(FWD_CONFIGS), key=_KEY)(_fwd_kernel)
+_bwd_dkdv = triton.autotune(_triton_configs(BWD_CONFIGS), key=_KEY)(_bwd_dkdv_kernel)
+_bwd_dq = triton.autotune(_triton_configs(BWD_CONFIGS), key=[*_KEY, "DETERMINISTIC"],
+                          reset_to_zero=["DBias"])(_bwd_dq_kernel)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+           bias: tuple[torch.Tensor | None, ...]) -> None:
+    """Structural checks that need no host sync; raise before any launch."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be [T, H, Dh], got shape {tuple(t.shape)}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v shapes disagree: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"varlen_attention_triton supports fp16, bf16, fp32 (all alike); got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[2] not in HEAD_DIMS:
+        raise ValueError(f"head dim {q.shape[2]} is not supported by the Triton kernel; use one of {HEAD_DIMS}")
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+        raise TypeError(f"cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    given = [t for t in bias if t is not None]
+    if given and len(given) != 4:
+        raise ValueError("the bias needs bias_table, bias_lut, modality and position together")
+    devices = {t.device for t in (q, k, v, cu_seqlens, *given)}
+    if len(devices) > 1:
+        raise ValueError(f"tensors are on different devices: {sorted(map(str, devices))}")
+    device = q.device
+    if device.type != "cuda" and not (INTERPRET and device.type == "cpu"):
+        raise ValueError(f"the Triton kernel needs CUDA tensors (or CPU under TRITON_INTERPRET=1), got {device}")
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int]:
+    return t.stride(0), t.stride(1)
+
+
+def _bias_args(bias_table, bias_lut, modality, position, like: torch.Tensor):
+    """Kernel bias arguments; dummies (never read) when there is no bias."""
+    if bias_table is None:
+        dummy_f = like.new_empty(1, dtype=torch.float32)
+        dummy_i = like.new_empty(1, dtype=torch.int32)
+        return dummy_f, dummy_i, dummy_i, dummy_i, 1, False
+    return (bias_table.contiguous(), bias_lut.contiguous(), modality.to(torch.int32).contiguous(),
+            position.contiguous(), bias_lut.shape[1], True)
+
+
+def _launch_fwd(q, k, v, cu_seqlens, max_seqlen, scale, bias_table, bias_lut, modality, position):
+    T, H, Dh = q.shape
+    B = cu_seqlens.numel() - 1
+    out = torch.empty_like(q)
+    lse = torch.empty((H, T), dtype=torch.float32, device=q.device)
+    if T == 0 or max_seqlen == 0:
+        return out, lse
+    table, lut, mod, pos, P, has_bias = _bias_args(bias_table, bias_lut, modality, position, q)
+
+    def grid(meta):
+        return (triton.cdiv(max_seqlen, meta["BLOCK_M"]), B, H)
+
+    _fwd[grid](
+        q, k, v, out, lse, cu_seqlens, table, lut, mod, pos,
+        scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        T, H, P,
+        HEAD_DIM=Dh, D_PAD=triton.next_power_of_2(Dh), HAS_BIAS=has_bias,
+        UPCAST=INTERPRET, IEEE=q.dtype == torch.float32,
+    )
+    return out, lse
+
+
+def _launch_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, bias_table, bias_lut, modality,
+                position, deterministic):
+    T, H, Dh = q.shape
+    B = cu_seqlens.numel() - 1
+    do = do.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # delta_i = rowsum(dO_i * O_i): one elementwise pass, laid out [H, T] like the lse.
+    delta = (do.float() * out.float()).sum(-1).transpose(0, 1).contiguous()
+    table, lut, mod, pos, P, has_bias = _bias_args(bias_table, bias_lut, modality, position, q)
+    NB = table.shape[0] if has_bias else 1
+    if has_bias and deterministic:
+        dbias_buf = torch.zeros((T // _MIN_BWD_BLOCK_M + B + 1, NB, H), dtype=torch.float32, device=q.device)
+    else:
+        dbias_buf = torch.zeros((NB, H), dtype=torch.float32, device=q.device)
+    if T > 0 and max_seqlen > 0:
+        common = dict(HEAD_DIM=Dh, D_PAD=triton.next_power_of_2(Dh), HAS_BIAS=has_bias, UPCAST=INTERPRET,
+                      IEEE=q.dtype == torch.float32)
+        strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+        _bwd_dkdv[lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]), B, H)](
+            q, k, v, do, dk, dv, lse, delta, cu_seqlens, table, lut, mod, pos,
+            scale * LOG2E, scale, *strides, T, H, P, **common,
+        )
+        _bwd_dq[lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), B, H)](
+            q, k, v, do, dq, lse, delta, cu_seqlens, table, lut, mod, pos, dbias_buf,
+            scale * LOG2E, scale, *strides, T, H, P, NB, DETERMINISTIC=deterministic, **common,
+        )
+    if not has_bias:
+        return dq, dk, dv, q.new_empty(0)
+    dbias = dbias_buf.sum(0) if deterministic else dbias_buf
+    return dq, dk, dv, dbias.to(bias_table.dtype)
+
+
+# ----------------------------------------------------------------------------- custom op
+
+
+@torch.library.custom_op("omni_core::varlen_attention", mutates_args=())
+def _varlen_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+    softmax_scale: float, bias_table: torch.Tensor | None, bias_lut: torch.Tensor | None,
+    modality: torch.Tensor | None, position: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: (out [T, H, Dh], lse [H, T] fp32, base 2)."""
+    return _launch_fwd(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, max_seqlen, softmax_scale,
+                       bias_table, bias_lut, modality, position)
+
+
+@_varlen_attention_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, softmax_scale, bias_table, bias_lut, modality, position):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("omni_core::varlen_attention_backward", mutates_args=())
+def _varlen_attention_backward_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, softmax_scale: float,
+    bias_table: torch.Tensor | None, bias_lut: torch.Tensor | None, modality: torch.Tensor | None,
+    position: torch.Tensor | None, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: (dq, dk, dv, d bias_table); d bias_table is empty when there is no bias."""
+    return _launch_bwd(do, q.contiguous(), k.contiguous(), v.contiguous(), out, lse, cu_seqlens, max_seqlen,
+                       softmax_scale, bias_table, bias_lut, modality, position, deterministic)
+
+
+@_varlen_attention_backward_op.register_fake
+def _(do, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, bias_table, bias_lut, modality,
+      position, deterministic):
+    dbias = torch.empty_like(bias_table) if bias_table is not None else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, scale, bias_table, bias_lut, modality, position = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, bias_table, bias_lut, modality, position)
+    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_seqlens, bias_table, bias_lut, modality, position = ctx.saved_tensors
+    deterministic = bias_grad_mode() == "deterministic"
+    dq, dk, dv, dbias = _varlen_attention_backward_op(
+        dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale, bias_table, bias_lut, modality,
+        position, deterministic)
+    return dq, dk, dv, None, None, None, (dbias if bias_table is not None else None), None, None, None
+
+
+_varlen_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def bias_grad_mode() -> str:
+    """``"deterministic"`` when ``torch.use_deterministic_algorithms(True)`` is on or
+    ``OMNI_ATTN_BIAS_GRAD=deterministic``; otherwise ``"fast"`` (atomics, the default)."""
+    forced = os.environ.get("OMNI_ATTN_BIAS_GRAD", "").strip().lower()
+    if forced not in ("", "fast", "deterministic"):
+        raise ValueError(f"OMNI_ATTN_BIAS_GRAD={forced!r}: expected 'fast' or 'deterministic'")
+    if forced:
+        return forced
+    return "deterministic" if torch.are_deterministic_algorithms_enabled() else "fast"
+
+
+def varlen_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    softmax_scale: float | None,
+    bias_table: torch.Tensor | None,
+    bias_lut: torch.Tensor | None,
+    modality: torch.Tensor | None,
+    position: torch.Tensor | None,
+) -> torch.Tensor:
+    """The "triton" backend of :func:`omni_core.ops.varlen_attention` (same arguments,
+    positional). Differentiable in q, k, v and ``bias_table``; one op for torch.compile."""
+    _check(q, k, v, cu_seqlens, (bias_table, bias_lut, modality, position))
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
+    out, _ = _varlen_attention_op(q, k, v, cu_seqlens, int(max_seqlen), scale, bias_table, bias_lut,
+                                  modality, position)
+    return out
+
+
+# ----------------------------------------------------------------------------- AOT report
+
+# Reference problem for FLOP / byte counts: a ONE-PEACE-like pack, 24 heads.
+_REF_LENGTHS = [257] * 16 + [40] * 32 + [500] * 4
+_REF_HEADS = 24
+
+
+def _reference_cost(head_dim: int, elem: int, backward: bool) -> tuple[int, int]:
+    """FLOPs (2 per multiply-add) and minimum bytes moved (each operand read once, each
+    result written once) of the reference problem."""
+    T = sum(_REF_LENGTHS)
+    pairs = sum(n * n for n in _REF_LENGTHS)
+    fwd_flops = 4 * pairs * head_dim * _REF_HEADS  # QK^T and PV
+    io = T * _REF_HEADS * head_dim * elem
+    if not backward:
+        return fwd_flops, 4 * io + T * _REF_HEADS * 4  # q k v in, out + lse out
+    # recompute QK^T, plus dV, dP, dQ, dK: 5 matmuls over the pairs
+    return 5 * fwd_flops // 2, 8 * io + 2 * T * _REF_HEADS * 4  # q k v o do in, dq dk dv out, lse delta
+
+
+def aot_configs() -> list[AotConfig]:
+    """Every autotune config x {fp16, bf16, fp32} x head dim, forward and both backward
+    kernels, with the bias on (its gather costs registers) and, for the dq kernel, the
+    default fast bias gradient."""
+    configs: list[AotConfig] = []
+    for dtype in ("fp16", "bf16", "fp32"):
+        elem = 4 if dtype == "fp32" else 2
+        for head_dim in HEAD_DIMS:
+            common = {"HEAD_DIM": head_dim, "D_PAD": triton.next_power_of_2(head_dim), "HAS_BIAS": True,
+                      "UPCAST": False, "IEEE": dtype == "fp32"}
+            kernels = (
+                ("varlen_attention_fwd", _fwd_kernel, FWD_CONFIGS, {}, False),
+                ("varlen_attention_bwd_dkdv", _bwd_dkdv_kernel, BWD_CONFIGS, {}, True),
+                ("varlen_attention_bwd_dq", _bwd_dq_kernel, BWD_CONFIGS, {"DETERMINISTIC": False}, True),
+            )
+            for name, fn, tuned, extra_consts, backward in kernels:
+                flops, nbytes = _reference_cost(head_dim, elem, backward)
+                for bm, bn, warps, stages in tuned:
+                    consts = {**common, **extra_consts, "BLOCK_M": bm, "BLOCK_N": bn}
+                    configs.append(AotConfig(
+                        kernel=name, fn=fn, signature=_signature(fn, dtype, consts), constexprs=consts,
+                        num_warps=warps, num_stages=stages, dtype=dtype,
+                        label=f"D={head_dim} BM={bm} BN={bn} w={warps} s={stages}",
+                        flops=flops, min_bytes=nbytes,
+                    ))
+    return configs
+
+
+_FLOAT_ARGS = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
+_FP32_ARGS = {"Lse", "Delta", "Table", "DBias"}
+_INT_PTR_ARGS = {"CuSeqlens", "Lut", "Modality", "Position"}
+_FP32_SCALARS = {"qk_scale", "sm_scale"}
+
+
+def _signature(fn, dtype: str, consts: dict) -> dict[str, str]:
+    """Triton signature of ``fn`` for ``dtype`` storage (the table is fp32 here)."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in _FLOAT_ARGS:
+            sig[name] = f"*{dtype}"
+        elif name in _FP32_ARGS:
+            sig[name] = "*fp32"
+        elif name in _INT_PTR_ARGS:
+            sig[name] = "*i32"
+        elif name in _FP32_SCALARS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
