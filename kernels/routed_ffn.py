@@ -1,0 +1,551 @@
+"""
+Modality-routed FFN as grouped GEMMs
+====================================
+
+Implements ``omni_core.ops.routed_ffn`` (see ``omni_core/ops/ffn.py`` for the contract): token
+``t`` of modality ``m`` goes through FFN ``m``::
+
+    u = x @ w_in[m] + b_in[m]
+    h = gelu(x @ w_gate[m]) * u          (GeGLU, ONE-PEACE)    or    h = gelu(u)
+    h = layer_norm(h) * ln_weight[m] + ln_bias[m]               (optional sub-LN over F)
+    y = h @ w_out[m] + b_out[m]
+
+The routing plan groups tokens stably by modality: ``perm[r]`` is the packed index of the
+r-th grouped row and ``offsets[m]:offsets[m+1]`` are modality m's grouped rows. Nothing is
+ever copied into grouped order: GEMM-1 *gathers* its A rows through ``perm`` and GEMM-2
+*scatters* its output rows through ``perm``, so the hidden activations are the only tensors
+that live in grouped order. Each GEMM is ONE launch for all modalities: the grid is
+``(row tiles, N tiles)`` with an upper bound of ``cdiv(T, BLOCK_M) + M - 1`` row tiles, and
+each program finds its modality and rows from the device-side offsets
+(:func:`~omni_core.kernels.layer_norm.group_tile`); no host synchronisation, no host schedule.
+
+Forward launches
+
+1. ``_ffn_in_kernel``: ``U = x[perm] @ w_in[m] + b_in[m]`` and ``G = x[perm] @ w_gate[m]``
+   with the GeGLU / GELU epilogue (exact erf GELU) writing ``H``.
+2. the fused LayerNorm of ``kernels/layer_norm.py`` over H with per-modality weights (sub-LN).
+3. ``_grouped_mm_kernel``: ``y[perm] = HN @ w_out[m] + b_out[m]``.
+
+What the backward keeps, and why. Saved: the GEMM-1 outputs ``U`` and ``G`` (pre-activation,
+``[T, F]`` each in the input dtype) and the LN statistics ``mean``/``rstd`` (fp32, 8 bytes a
+token). Recomputed: ``H = act(U, G)`` and ``HN = LN(H)``, elementwise, inside the fused
+backward kernel that also runs the LN and GeGLU backward. Re-deriving U and G would cost a
+second GEMM-1 (``4 T D F`` FLOPs, half the forward) to save ``2 T F`` elements; re-deriving H
+and HN costs a few FLOPs per element on data the backward kernel loads anyway, and saves two
+more ``[T, F]`` tensors (at ONE-PEACE 4B, 40 layers, each ``[T, 6144]`` is 4x the layer's
+``[T, 1536]`` input).
+
+Backward launches (``dy`` in packed order, gathered/scattered through perm like the forward)
+
+1. ``dHN = dy[perm] @ w_out[m]^T`` (grouped GEMM, transposed weight by strides).
+2. ``_ffn_hidden_bwd_kernel``: recompute H and HN (store HN for step 3), LN backward to dH
+   with per-program partial sums for ``dln_weight``/``dln_bias``, then GeGLU/GELU backward to
+   ``dU``/``dG``.
+3. ``dw_out[m] = HN_m^T @ dy[perm]_m`` and ``db_out[m]`` (column sums), grouped weight-gradient
+   GEMM: grid over (modality x F tile, D tile), each program reduces over its modality's rows;
+   a modality with no tokens writes zeros.
+4. ``dx[perm] = dU @ w_in[m]^T + dG @ w_gate[m]^T`` (one launch, two products, scattered).
+5. ``dw_in``/``db_in`` and ``dw_gate`` as in 3, A rows gathered from x through perm.
+
+Precision: every GEMM accumulates in fp32; U, G, H, HN, dU, dG are rounded to the input
+dtype between steps, as the same-precision torch implementation rounds them. fp32 GEMMs use
+``input_precision="ieee"`` (no TF32) so fp32 matches a fp32 reference. Under the interpreter
+half-precision tiles are upcast to fp32 before ``tl.dot`` (its bf16 dot is wrong); the flag is
+a constexpr that compiled code never sees.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from omni_core.kernels.layer_norm import (
+    group_tile,
+    interpreting,
+    layer_norm_dx,
+    layer_norm_fwd_grouped,
+    new_buffer,
+    row_block,
+    row_warps,
+    rows_per_program,
+)
+
+_INV_SQRT2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@triton.jit
+def _gelu(x):
+    return 0.5 * x * (1.0 + tl.math.erf(x * _INV_SQRT2))
+
+
+@triton.jit
+def _gelu_grad(x):
+    return 0.5 * (1.0 + tl.math.erf(x * _INV_SQRT2)) + x * _INV_SQRT_2PI * tl.exp(-0.5 * x * x)
+
+
+@triton.jit
+def _mma(a, b, acc, INTERPRET: tl.constexpr, PREC: tl.constexpr):
+    if INTERPRET:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMM-1 with the bias + GeGLU / GELU epilogue
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ffn_in_kernel(
+    X, Perm, Offsets, W_in, W_gate, B_in, U, G, H, M, D, F,
+    GATED: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    m, start, end = group_tile(tl.program_id(0), Offsets, M, BLOCK_M)
+    rows = start + tl.arange(0, BLOCK_M)
+    rmask = rows < end
+    tok = tl.load(Perm + rows, mask=rmask, other=0).to(tl.int64)  # gather, no permuted copy
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < F
+    w_off = m.to(tl.int64) * D * F
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < D
+        a = tl.load(X + tok[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        w_ptrs = w_off + ks[:, None] * F + cols[None, :]
+        wmask = kmask[:, None] & cmask[None, :]
+        acc_u = _mma(a, tl.load(W_in + w_ptrs, mask=wmask, other=0.0), acc_u, INTERPRET, PREC)
+        if GATED:
+            acc_g = _mma(a, tl.load(W_gate + w_ptrs, mask=wmask, other=0.0), acc_g, INTERPRET, PREC)
+    if HAS_BIAS:
+        acc_u += tl.load(B_in + m * F + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    dtype = H.dtype.element_ty
+    # The activation reads the rounded U/G, exactly what the backward will recompute it from.
+    u = acc_u.to(dtype)
+    offs = rows.to(tl.int64)[:, None] * F + cols[None, :]
+    omask = rmask[:, None] & cmask[None, :]
+    tl.store(U + offs, u, mask=omask)
+    if GATED:
+        g = acc_g.to(dtype)
+        tl.store(G + offs, g, mask=omask)
+        h = _gelu(g.to(tl.float32)) * u.to(tl.float32)
+    else:
+        h = _gelu(u.to(tl.float32))
+    tl.store(H + offs, h.to(dtype), mask=omask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouped GEMM with row gather / scatter: GEMM-2, dHN and dx
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _grouped_mm_kernel(
+    A, A2, Perm, Offsets, B, B2, Bias, C, M, N, K, stride_bm, stride_bk, stride_bn,
+    GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, PAIR2: tl.constexpr, HAS_BIAS: tl.constexpr,
+    INTERPRET: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``C[c_row] = A[a_row] @ B[m] (+ A2[a_row] @ B2[m]) (+ Bias[m])`` for grouped row r of
+    modality m; ``a_row``/``c_row`` is ``perm[r]`` when gathering/scattering, else r. A, A2
+    and C are contiguous row-major; B is addressed by strides (a transposed weight is free)."""
+    m, start, end = group_tile(tl.program_id(0), Offsets, M, BLOCK_M)
+    rows = start + tl.arange(0, BLOCK_M)
+    rmask = rows < end
+    tok = tl.load(Perm + rows, mask=rmask, other=0).to(tl.int64)
+    a_rows = tok if GATHER_A else rows.to(tl.int64)
+    c_rows = tok if SCATTER_C else rows.to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    b_off = m.to(tl.int64) * stride_bm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        a_ptrs = a_rows[:, None] * K + ks[None, :]
+        amask = rmask[:, None] & kmask[None, :]
+        b_ptrs = b_off + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+        bmask = kmask[:, None] & cmask[None, :]
+        acc = _mma(tl.load(A + a_ptrs, mask=amask, other=0.0), tl.load(B + b_ptrs, mask=bmask, other=0.0),
+                   acc, INTERPRET, PREC)
+        if PAIR2:
+            acc = _mma(tl.load(A2 + a_ptrs, mask=amask, other=0.0),
+                       tl.load(B2 + b_ptrs, mask=bmask, other=0.0), acc, INTERPRET, PREC)
+    if HAS_BIAS:
+        acc += tl.load(Bias + m * N + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(C + c_rows[:, None] * N + cols[None, :], acc.to(C.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouped weight gradients: dW[m] = A_m^T @ B_m, db[m] = column sums of B_m
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _grouped_wgrad_kernel(
+    A, B, Perm, Offsets, DW, DB, P, N,
+    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, HAS_DB: tl.constexpr,
+    INTERPRET: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``DW[m] [P, N] = sum over modality m's grouped rows r of A[a_row]^T B[b_row]``.
+
+    The reduction runs over the (variable) token count of one modality, so the grid is over
+    output tiles only: (modality x P tile, N tile). BLOCK_M tiles P, BLOCK_K the tokens.
+    """
+    pid = tl.program_id(0)
+    p_tiles = tl.cdiv(P, BLOCK_M)
+    m = pid // p_tiles
+    ps = (pid % p_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pmask = ps < P
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    lo = tl.load(Offsets + m)
+    hi = tl.load(Offsets + m + 1)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_b = tl.zeros((BLOCK_N,), tl.float32)
+    for r0 in range(lo, hi, BLOCK_K):
+        rows = r0 + tl.arange(0, BLOCK_K)
+        rmask = rows < hi
+        tok = tl.load(Perm + rows, mask=rmask, other=0).to(tl.int64)
+        a_rows = tok if GATHER_A else rows.to(tl.int64)
+        b_rows = tok if GATHER_B else rows.to(tl.int64)
+        a_t = tl.load(A + a_rows[None, :] * P + ps[:, None], mask=pmask[:, None] & rmask[None, :], other=0.0)
+        b = tl.load(B + b_rows[:, None] * N + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        acc = _mma(a_t, b, acc, INTERPRET, PREC)
+        if HAS_DB:
+            acc_b += tl.sum(b.to(tl.float32), axis=0)
+    out = m.to(tl.int64) * P * N + ps[:, None] * N + cols[None, :]
+    tl.store(DW + out, acc.to(DW.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
+    if HAS_DB:
+        if pid % p_tiles == 0:  # the first P tile of a modality owns its bias gradient
+            tl.store(DB + m * N + cols, acc_b.to(DB.dtype.element_ty), mask=cmask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused hidden backward: recompute H, HN; LN backward; GeGLU / GELU backward
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ffn_hidden_bwd_kernel(
+    U, G, DHN, HN, DU, DG, LnW, LnB, Mean, Rstd, PartW, PartB, PartGroup, Offsets,
+    M, F, rows_per_prog,
+    GATED: tl.constexpr, HAS_LN: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    m, start, end = group_tile(pid, Offsets, M, rows_per_prog)
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < F
+    dtype = HN.dtype.element_ty
+    if HAS_LN:
+        w = tl.load(LnW + m * F + cols, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_LN_BIAS:
+            b = tl.load(LnB + m * F + cols, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            b = tl.zeros((BLOCK_N,), tl.float32)
+    acc_w = tl.zeros((BLOCK_N,), tl.float32)
+    acc_b = tl.zeros((BLOCK_N,), tl.float32)
+    for r0 in range(start, end, BLOCK_ROWS):
+        rows = r0 + tl.arange(0, BLOCK_ROWS)
+        rmask = rows < end
+        mask = rmask[:, None] & cmask[None, :]
+        offs = rows.to(tl.int64)[:, None] * F + cols[None, :]
+        u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+        if GATED:
+            g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+            gelu_g = _gelu(g)
+            h = (gelu_g * u).to(dtype).to(tl.float32)  # H as the forward stored it
+        else:
+            h = _gelu(u).to(dtype).to(tl.float32)
+        dhn = tl.load(DHN + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_LN:
+            mean = tl.load(Mean + rows, mask=rmask, other=0.0)
+            rstd = tl.load(Rstd + rows, mask=rmask, other=0.0)
+            xhat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
+            tl.store(HN + offs, (xhat * w[None, :] + b[None, :]).to(dtype), mask=mask)
+            acc_w += tl.sum(dhn * xhat, axis=0)
+            acc_b += tl.sum(dhn, axis=0)
+            # LN's dx, rounded like the same-precision torch chain rounds dH.
+            dh = layer_norm_dx(dhn, xhat, w, rstd, mask, F).to(dtype).to(tl.float32)
+        else:
+            tl.store(HN + offs, h.to(dtype), mask=mask)
+            dh = dhn
+        if GATED:
+            tl.store(DU + offs, (dh * gelu_g).to(dtype), mask=mask)
+            tl.store(DG + offs, (dh * u * _gelu_grad(g)).to(dtype), mask=mask)
+        else:
+            tl.store(DU + offs, (dh * _gelu_grad(u)).to(dtype), mask=mask)
+    if HAS_LN:
+        tl.store(PartW + pid * F + cols, acc_w, mask=cmask)
+        tl.store(PartB + pid * F + cols, acc_b, mask=cmask)
+        tl.store(PartGroup + pid, m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). All keep fp16/bf16 free of spills and on
+# HMMA (sm_80) / HGMMA (sm_90), and fit fp32 in sm_80's 163 KiB of shared memory; checked by
+# aot_configs() + benchmarks/kernel_report.py.
+GEMM_CONFIGS = [
+    (128, 128, 32, 8, 3),
+    (64, 128, 32, 4, 4),
+    (128, 64, 32, 4, 4),
+]
+# Dual-accumulator GEMM-1 (GeGLU): two 128x128 fp32 accumulators do not fit one thread block's
+# registers with 4 warps, so its configs are narrower.
+GEMM1_CONFIGS = [
+    (128, 128, 32, 8, 3),
+    (64, 128, 32, 4, 3),
+    (128, 64, 32, 4, 3),
+]
+# Under the interpreter each program costs per op, not per element: one big tile.
+_INTERPRET_BLOCKS = (64, 64, 64)
+
+
+def _tuned(kernel: triton.JITFunction, configs: list[tuple[int, int, int, int, int]], key: list[str]):
+    return triton.autotune(
+        configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                 for bm, bn, bk, w, s in configs],
+        key=key,
+    )(kernel)
+
+
+_ffn_in_tuned = _tuned(_ffn_in_kernel, GEMM1_CONFIGS, ["D", "F", "GATED"])
+_grouped_mm_tuned = _tuned(_grouped_mm_kernel, GEMM_CONFIGS, ["N", "K", "GATHER_A", "SCATTER_C", "PAIR2"])
+_grouped_wgrad_tuned = _tuned(_grouped_wgrad_kernel, GEMM_CONFIGS, ["P", "N", "GATHER_A", "GATHER_B"])
+
+
+def _prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _launch(kernel: triton.JITFunction, tuned, grid_rows, grid_cols, *args, **flags) -> None:
+    """Launch ``kernel`` with the interpreter's fixed tile, or its autotuned wrapper compiled.
+
+    ``grid_rows(BLOCK_M)``/``grid_cols(BLOCK_N)`` give the grid for a tile shape.
+    """
+    if interpreting():
+        bm, bn, bk = _INTERPRET_BLOCKS
+        kernel[(grid_rows(bm), grid_cols(bn))](*args, **flags, INTERPRET=True,
+                                               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    else:
+        tuned[lambda meta: (grid_rows(meta["BLOCK_M"]), grid_cols(meta["BLOCK_N"]))](
+            *args, **flags, INTERPRET=False)
+
+
+def _grouped_mm(
+    a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor,
+    b_strides: tuple[int, int, int], *, gather_a: bool = False, scatter_c: bool = False,
+    a2: torch.Tensor | None = None, b2: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+) -> None:
+    T, K = a.shape
+    N = out.shape[1]
+    M = offsets.numel() - 1
+    if T == 0 or N == 0:
+        return
+    _launch(
+        _grouped_mm_kernel, _grouped_mm_tuned,
+        lambda bm: triton.cdiv(T, bm) + M - 1, lambda bn: triton.cdiv(N, bn),
+        a, a2, perm, offsets, b, b2, bias, out, M, N, K, *b_strides,
+        GATHER_A=gather_a, SCATTER_C=scatter_c, PAIR2=a2 is not None, HAS_BIAS=bias is not None,
+        PREC=_prec(a.dtype),
+    )
+
+
+def _grouped_wgrad(
+    a: torch.Tensor, b: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, *,
+    gather_a: bool = False, gather_b: bool = False, with_db: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    P, N = a.shape[1], b.shape[1]
+    M = offsets.numel() - 1
+    dw = new_buffer((M, P, N), a.dtype, a.device)
+    db = new_buffer((M, N), a.dtype, a.device) if with_db else None
+
+    _launch(
+        _grouped_wgrad_kernel, _grouped_wgrad_tuned,
+        lambda bm: M * triton.cdiv(P, bm), lambda bn: triton.cdiv(N, bn),
+        a, b, perm, offsets, dw, db, P, N,
+        GATHER_A=gather_a, GATHER_B=gather_b, HAS_DB=with_db, PREC=_prec(a.dtype),
+    )
+    return dw, db
+
+
+def _forward(
+    x: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
+    b_in: torch.Tensor | None, b_out: torch.Tensor | None, w_gate: torch.Tensor | None,
+    ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(y, U, G, mean, rstd)``; G/mean/rstd are empty when unused."""
+    T, D = x.shape
+    M, _, F = w_in.shape
+    U = new_buffer((T, F), x.dtype, x.device)
+    G = new_buffer((T, F), x.dtype, x.device) if w_gate is not None else x.new_empty((0,))
+    H = new_buffer((T, F), x.dtype, x.device)
+    if T:
+        _launch(
+            _ffn_in_kernel, _ffn_in_tuned,
+            lambda bm: triton.cdiv(T, bm) + M - 1, lambda bn: triton.cdiv(F, bn),
+            x, perm, offsets, w_in, w_gate, b_in, U, G, H, M, D, F,
+            GATED=w_gate is not None, HAS_BIAS=b_in is not None, PREC=_prec(x.dtype),
+        )
+    if ln_weight is not None:
+        hn, mean, rstd = layer_norm_fwd_grouped(H, ln_weight, ln_bias, offsets, eps)
+    else:
+        hn, mean, rstd = H, x.new_empty((0,), dtype=torch.float32), x.new_empty((0,), dtype=torch.float32)
+    y = new_buffer((T, D), x.dtype, x.device)
+    _grouped_mm(hn, w_out, y, perm, offsets, (F * D, D, 1), scatter_c=True, bias=b_out)
+    return y, U, G, mean, rstd
+
+
+def _backward(
+    dy: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor,
+    w_out: torch.Tensor, w_gate: torch.Tensor | None, ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None, has_b_in: bool, has_b_out: bool,
+    U: torch.Tensor, G: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+) -> list[torch.Tensor | None]:
+    """``[dx, dw_in, dw_out, db_in, db_out, dw_gate, dln_weight, dln_bias]`` (None when absent)."""
+    T, D = x.shape
+    M, _, F = w_in.shape
+    gated, has_ln, has_ln_bias = w_gate is not None, ln_weight is not None, ln_bias is not None
+    dy = dy.contiguous()
+    dhn = new_buffer((T, F), x.dtype, x.device)
+    _grouped_mm(dy, w_out, dhn, perm, offsets, (F * D, 1, D), gather_a=True)
+
+    hn = new_buffer((T, F), x.dtype, x.device)
+    du = new_buffer((T, F), x.dtype, x.device)
+    dg = new_buffer((T, F), x.dtype, x.device) if gated else None
+    block_n = triton.next_power_of_2(F)
+    block_rows = row_block(block_n)
+    per = rows_per_program(T, block_rows, x.device)
+    progs = triton.cdiv(T, per) + M - 1 if T else 0
+    part_w = new_buffer((progs, F), torch.float32, x.device)
+    part_b = new_buffer((progs, F), torch.float32, x.device)
+    part_g = torch.zeros((progs,), dtype=torch.int32, device=x.device)
+    if progs:
+        _ffn_hidden_bwd_kernel[(progs,)](
+            U, G, dhn, hn, du, dg, ln_weight, ln_bias, mean, rstd, part_w, part_b, part_g, offsets,
+            M, F, per, GATED=gated, HAS_LN=has_ln, HAS_LN_BIAS=has_ln_bias,
+            BLOCK_ROWS=block_rows, BLOCK_N=block_n, num_warps=row_warps(block_n),
+        )
+    dln_w = dln_b = None
+    if has_ln:
+        idx = part_g.long()
+        zeros = torch.zeros((M, F), dtype=torch.float32, device=x.device)
+        dln_w = zeros.clone().index_add_(0, idx, part_w).to(x.dtype)
+        dln_b = zeros.index_add_(0, idx, part_b).to(x.dtype) if has_ln_bias else None
+
+    dw_out, db_out = _grouped_wgrad(hn, dy, perm, offsets, gather_b=True, with_db=has_b_out)
+    dx = new_buffer((T, D), x.dtype, x.device)
+    _grouped_mm(du, w_in, dx, perm, offsets, (D * F, 1, F), scatter_c=True, a2=dg, b2=w_gate)
+    dw_in, db_in = _grouped_wgrad(x, du, perm, offsets, gather_a=True, with_db=has_b_in)
+    dw_gate = _grouped_wgrad(x, dg, perm, offsets, gather_a=True)[0] if gated else None
+    return [dx, dw_in, dw_out, db_in, db_out, dw_gate, dln_w, dln_b]
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library custom ops: one op forward, one backward; autograd and torch.compile see them.
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("omni_core::routed_ffn_fwd", mutates_args=())
+def _routed_ffn_fwd_op(
+    x: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
+    b_in: torch.Tensor | None, b_out: torch.Tensor | None, w_gate: torch.Tensor | None,
+    ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(x, perm, offsets, w_in, w_out, b_in, b_out, w_gate, ln_weight, ln_bias, eps)
+
+
+@_routed_ffn_fwd_op.register_fake
+def _(x, perm, offsets, w_in, w_out, b_in, b_out, w_gate, ln_weight, ln_bias, eps):
+    T, F = x.shape[0], w_in.shape[2]
+    stats = T if ln_weight is not None else 0
+    return (torch.empty_like(x), x.new_empty((T, F)), x.new_empty((T if w_gate is not None else 0, F)),
+            x.new_empty((stats,), dtype=torch.float32), x.new_empty((stats,), dtype=torch.float32))
+
+
+@torch.library.custom_op("omni_core::routed_ffn_bwd", mutates_args=())
+def _routed_ffn_bwd_op(
+    dy: torch.Tensor, x: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor,
+    w_out: torch.Tensor, w_gate: torch.Tensor | None, ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None, has_b_in: bool, has_b_out: bool,
+    U: torch.Tensor, G: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+) -> list[torch.Tensor]:
+    grads = _backward(dy, x, perm, offsets, w_in, w_out, w_gate, ln_weight, ln_bias, has_b_in, has_b_out,
+                      U, G, mean, rstd)
+    return [g if g is not None else x.new_empty((0,)) for g in grads]
+
+
+@_routed_ffn_bwd_op.register_fake
+def _(dy, x, perm, offsets, w_in, w_out, w_gate, ln_weight, ln_bias, has_b_in, has_b_out, U, G, mean, rstd):
+    M, D, F = w_in.shape
+
+    def maybe(flag: bool, shape: tuple[int, ...]) -> torch.Tensor:
+        return x.new_empty(shape if flag else (0,))
+
+    return [torch.empty_like(x), torch.empty_like(w_in), torch.empty_like(w_out), maybe(has_b_in, (M, F)),
+            maybe(has_b_out, (M, D)), maybe(w_gate is not None, (M, D, F)),
+            maybe(ln_weight is not None, (M, F)), maybe(ln_bias is not None, (M, F))]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, perm, offsets, w_in, w_out, b_in, b_out, w_gate, ln_weight, ln_bias, _ = inputs
+    _, U, G, mean, rstd = output
+    ctx.save_for_backward(x, perm, offsets, w_in, w_out, w_gate, ln_weight, ln_bias, U, G, mean, rstd)
+    ctx.flags = (b_in is not None, b_out is not None)
+
+
+def _autograd_backward(ctx, dy, *_unused):
+    x, perm, offsets, w_in, w_out, w_gate, ln_weight, ln_bias, U, G, mean, rstd = ctx.saved_tensors
+    has_b_in, has_b_out = ctx.flags
+    dx, dw_in, dw_out, db_in, db_out, dw_gate, dln_w, dln_b = _routed_ffn_bwd_op(
+        dy, x, perm, offsets, w_in, w_out, w_gate, ln_weight, ln_bias, has_b_in, has_b_out,
+        U, G, mean, rstd)
+    return (dx, None, None, dw_in, dw_out, db_in if has_b_in else None, db_out if has_b_out else None,
+            dw_gate if w_gate is not None else None, dln_w if ln_weight is not None else None,
+            dln_b if ln_bias is not None else None, None)
+
+
+_routed_ffn_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def group_by_modality(modality: torch.Tensor, num_modalities: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing plan on the tokens' device, without a host sync: ``(perm, offsets)`` int32."""
+    ids = modality.long()
+    perm = torch.sort(ids, stable=True).indices.to(torch.int32)
+    offsets = torch.zeros(num_modalities + 1, dtype=torch.int32, device=modality.device)
+    offsets[1:] = torch.cumsum(torch.bincount(ids, minlength=num_modalities), 0)
+    return perm, offsets
+
+
+def routed_ffn_grouped(
+    x: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
+    b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None, w_gate: torch.Tensor | None = None,
+    ln_weight: torch.Tensor | None = None, ln_bias: torch.Tensor | None = None, eps: float = 1e-5,
+) -> torch.Tensor:
+    """The routed FFN over a routing plan the caller already holds (``perm``/``offsets``)."""
+    def c(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t.contiguous() if t is not None else None
+
+    return _routed_ffn_fwd_op(
+        x.contiguous(), perm.to(torch.int32).contiguous(), offsets.to(torch.int32).contiguous(),
+        c(w_in), c(w_out), c(b_in), c(b_out), c(w_gate), c(ln_weight), c(ln_bias), eps)[0]
+
+
+def routed_ffn_triton(
+    x: torch.Tensor, modality: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
+    b_in: torch.Tensor | None, b_out: torch.Tensor | None, w_gate: torch.Tensor | None,
+    ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, eps: float,
+) -> torch.Tensor:
+    """The ``triton`` backend of ``omni_core.ops.routed_ffn`` (inputs already validated there)."""
+    perm, offsets = group_by_modality(modality, w_in.shape[0])
+    return routed_ffn_grouped(x, perm, offsets, w_in, w_out, b_in, b_out, w_gate, ln_weight, ln_bias, eps)
