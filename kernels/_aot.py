@@ -24,3 +24,7 @@ class AotConfig:
     flops: int = 0  # FLOPs of the module's reference problem
     min_bytes: int = 0  # minimum bytes moved by that problem
     extra: dict[str, Any] = field(default_factory=dict)
+    # Integer arguments the JIT would specialise as multiples of 16 (e.g. strides of
+    # contiguous [T, H, Dh] tensors); pointers are always assumed 16-byte aligned, as the
+    # JIT assumes for fresh torch allocations. Without these hints loads are not vectorised.
+    divisible_by_16: tuple[str, ...] = ()

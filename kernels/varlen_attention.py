@@ -47,7 +47,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-
 from omni_core.kernels._aot import AotConfig
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -75,10 +74,9 @@ def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 def _bias_tile(Table, Lut, mod_q, pos_q, mod_k, pos_k, h, H, P):
     """Bias of a tile from broadcastable row/column ids; returns (entry, bias) with
     entry = -1 where no bias applies (other modality, LUT entry -1, or padding)."""
-    same = mod_q == mod_k
-    lut_off = mod_q.to(tl.int64) * P * P + pos_q * P + pos_k
-    entry = tl.load(Lut + lut_off, mask=same, other=-1)
-    bias = tl.load(Table + entry.to(tl.int64) * H + h, mask=entry >= 0, other=0.0)
+    # int32 offsets (the launcher checks M*P*P and NB*H fit) keep register pressure low.
+    entry = tl.load(Lut + (mod_q * P * P + pos_q * P + pos_k), mask=mod_q == mod_k, other=-1)
+    bias = tl.load(Table + (entry * H + h), mask=entry >= 0, other=0.0)
     return entry, bias.to(tl.float32)
 
 
@@ -94,22 +92,30 @@ def _fwd_kernel(
     qb = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
-    seq_start = tl.load(CuSeqlens + b).to(tl.int64)
-    L = (tl.load(CuSeqlens + b + 1) - seq_start).to(tl.int32)
+    seq_start = tl.load(CuSeqlens + b)
+    L = tl.load(CuSeqlens + b + 1) - seq_start
     if qb * BLOCK_M >= L:
         return  # this sequence has fewer query blocks than the longest one
+    # Base pointers of this (sequence, head): the tile offsets below stay int32.
+    start64 = seq_start.to(tl.int64)
+    Q += start64 * stride_qt + h * stride_qh
+    K += start64 * stride_kt + h * stride_kh
+    V += start64 * stride_vt + h * stride_vh
+    Out += start64 * stride_ot + h * stride_oh
+    Lse += h.to(tl.int64) * T + start64
+    Modality += start64
+    Position += start64
 
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     row_ok = offs_m < L
     d_ok = offs_d < HEAD_DIM
-    tok_m = seq_start + offs_m
-    q = tl.load(Q + tok_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if HAS_BIAS:
-        mod_m = tl.load(Modality + tok_m, mask=row_ok, other=-1)
-        pos_m = tl.load(Position + tok_m, mask=row_ok, other=0)
+        mod_m = tl.load(Modality + offs_m, mask=row_ok, other=-1)
+        pos_m = tl.load(Position + offs_m, mask=row_ok, other=0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -117,15 +123,14 @@ def _fwd_kernel(
     for start_n in range(0, L, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < L
-        tok_n = seq_start + cols
-        kT = tl.load(K + tok_n[None, :] * stride_kt + h * stride_kh + offs_d[:, None],
+        kT = tl.load(K + cols[None, :] * stride_kt + offs_d[:, None],
                      mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-        v = tl.load(V + tok_n[:, None] * stride_vt + h * stride_vh + offs_d[None, :],
+        v = tl.load(V + cols[:, None] * stride_vt + offs_d[None, :],
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         s = _dot(q, kT, UPCAST, IEEE) * qk_scale
         if HAS_BIAS:
-            mod_n = tl.load(Modality + tok_n, mask=col_ok, other=-2)
-            pos_n = tl.load(Position + tok_n, mask=col_ok, other=0)
+            mod_n = tl.load(Modality + cols, mask=col_ok, other=-2)
+            pos_n = tl.load(Position + cols, mask=col_ok, other=0)
             _, bias = _bias_tile(Table, Lut, mod_m[:, None], pos_m[:, None], mod_n[None, :],
                                  pos_n[None, :], h, H, P)
             s += bias * 1.4426950408889634
@@ -139,9 +144,9 @@ def _fwd_kernel(
         m_i = m_new
 
     out = acc / l_i[:, None]
-    tl.store(Out + tok_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+    tl.store(Out + offs_m[:, None] * stride_ot + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(Lse + h * T + tok_m, m_i + tl.math.log2(l_i), mask=row_ok)
+    tl.store(Lse + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
 @triton.jit
@@ -159,40 +164,49 @@ def _bwd_dkdv_kernel(
     kb = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
-    seq_start = tl.load(CuSeqlens + b).to(tl.int64)
-    L = (tl.load(CuSeqlens + b + 1) - seq_start).to(tl.int32)
+    seq_start = tl.load(CuSeqlens + b)
+    L = tl.load(CuSeqlens + b + 1) - seq_start
     if kb * BLOCK_N >= L:
         return
+    start64 = seq_start.to(tl.int64)
+    Q += start64 * stride_qt + h * stride_qh
+    K += start64 * stride_kt + h * stride_kh
+    V += start64 * stride_vt + h * stride_vh
+    DO += start64 * stride_dot + h * stride_doh
+    DK += start64 * stride_kt + h * stride_kh
+    DV += start64 * stride_vt + h * stride_vh
+    Lse += h.to(tl.int64) * T + start64
+    Delta += h.to(tl.int64) * T + start64
+    Modality += start64
+    Position += start64
 
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     col_ok = offs_n < L
     d_ok = offs_d < HEAD_DIM
-    tok_n = seq_start + offs_n
     kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + tok_n[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + tok_n[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
     if HAS_BIAS:
-        mod_n = tl.load(Modality + tok_n, mask=col_ok, other=-2)
-        pos_n = tl.load(Position + tok_n, mask=col_ok, other=0)
+        mod_n = tl.load(Modality + offs_n, mask=col_ok, other=-2)
+        pos_n = tl.load(Position + offs_n, mask=col_ok, other=0)
 
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     for start_m in range(0, L, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < L
-        tok_m = seq_start + rows
         q_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + tok_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO + tok_m[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
+        q = tl.load(Q + rows[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + rows[:, None] * stride_dot + offs_d[None, :],
                      mask=q_mask, other=0.0)
-        lse = tl.load(Lse + h * T + tok_m, mask=row_ok, other=0.0)
-        delta = tl.load(Delta + h * T + tok_m, mask=row_ok, other=0.0)
+        lse = tl.load(Lse + rows, mask=row_ok, other=0.0)
+        delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
         sT = _dot(k, tl.trans(q), UPCAST, IEEE) * qk_scale  # [BLOCK_N, BLOCK_M]
         if HAS_BIAS:
-            mod_m = tl.load(Modality + tok_m, mask=row_ok, other=-1)
-            pos_m = tl.load(Position + tok_m, mask=row_ok, other=0)
+            mod_m = tl.load(Modality + rows, mask=row_ok, other=-1)
+            pos_m = tl.load(Position + rows, mask=row_ok, other=0)
             _, bias = _bias_tile(Table, Lut, mod_m[None, :], pos_m[None, :], mod_n[:, None],
                                  pos_n[:, None], h, H, P)
             sT += bias * 1.4426950408889634
@@ -204,9 +218,9 @@ def _bwd_dkdv_kernel(
         dk += _dot(dsT.to(q.dtype), q, UPCAST, IEEE)
 
     dk *= sm_scale
-    tl.store(DK + tok_n[:, None] * stride_kt + h * stride_kh + offs_d[None, :],
+    tl.store(DK + offs_n[:, None] * stride_kt + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + tok_n[:, None] * stride_vt + h * stride_vh + offs_d[None, :],
+    tl.store(DV + offs_n[:, None] * stride_vt + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
@@ -226,25 +240,34 @@ def _bwd_dq_kernel(
     qb = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
-    seq_start = tl.load(CuSeqlens + b).to(tl.int64)
-    L = (tl.load(CuSeqlens + b + 1) - seq_start).to(tl.int32)
+    seq_start = tl.load(CuSeqlens + b)
+    L = tl.load(CuSeqlens + b + 1) - seq_start
     if qb * BLOCK_M >= L:
         return
+    start64 = seq_start.to(tl.int64)
+    Q += start64 * stride_qt + h * stride_qh
+    K += start64 * stride_kt + h * stride_kh
+    V += start64 * stride_vt + h * stride_vh
+    DO += start64 * stride_dot + h * stride_doh
+    DQ += start64 * stride_qt + h * stride_qh
+    Lse += h.to(tl.int64) * T + start64
+    Delta += h.to(tl.int64) * T + start64
+    Modality += start64
+    Position += start64
 
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     row_ok = offs_m < L
     d_ok = offs_d < HEAD_DIM
-    tok_m = seq_start + offs_m
     q_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + tok_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + tok_m[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=q_mask, other=0.0)
-    lse = tl.load(Lse + h * T + tok_m, mask=row_ok, other=0.0)
-    delta = tl.load(Delta + h * T + tok_m, mask=row_ok, other=0.0)
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(Lse + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
     if HAS_BIAS:
-        mod_m = tl.load(Modality + tok_m, mask=row_ok, other=-1)
-        pos_m = tl.load(Position + tok_m, mask=row_ok, other=0)
+        mod_m = tl.load(Modality + offs_m, mask=row_ok, other=-1)
+        pos_m = tl.load(Position + offs_m, mask=row_ok, other=0)
         if DETERMINISTIC:
             DBias += (seq_start // BLOCK_M + b + qb) * NB * H
 
@@ -252,14 +275,13 @@ def _bwd_dq_kernel(
     for start_n in range(0, L, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < L
-        tok_n = seq_start + cols
         kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + tok_n[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + tok_n[:, None] * stride_vt + h * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(K + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
         if HAS_BIAS:
-            mod_n = tl.load(Modality + tok_n, mask=col_ok, other=-2)
-            pos_n = tl.load(Position + tok_n, mask=col_ok, other=0)
+            mod_n = tl.load(Modality + cols, mask=col_ok, other=-2)
+            pos_n = tl.load(Position + cols, mask=col_ok, other=0)
             entry, bias = _bias_tile(Table, Lut, mod_m[:, None], pos_m[:, None], mod_n[None, :],
                                      pos_n[None, :], h, H, P)
             s += bias * 1.4426950408889634
@@ -286,7 +308,7 @@ def _bwd_dq_kernel(
                 tl.atomic_add(DBias + entry.to(tl.int64) * H + h, ds, mask=entry >= 0, sem="relaxed")
 
     dq *= sm_scale
-    tl.store(DQ + tok_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+    tl.store(DQ + offs_m[:, None] * stride_qt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
@@ -550,6 +572,7 @@ def aot_configs() -> list[AotConfig]:
                         num_warps=warps, num_stages=stages, dtype=dtype,
                         label=f"D={head_dim} BM={bm} BN={bn} w={warps} s={stages}",
                         flops=flops, min_bytes=nbytes,
+                        divisible_by_16=tuple(a for a in fn.arg_names if a.startswith("stride_")),
                     ))
     return configs
 
