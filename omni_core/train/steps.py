@@ -109,22 +109,17 @@ def _padded_view(model: OmniModel, embedded: list[list[torch.Tensor]], view: Vie
             pos[b, bounds[s]:bounds[s] + t.shape[0]] = p
             valid[b, bounds[s]:bounds[s] + t.shape[0]] = True
     slots = [(m, bounds[s], bounds[s + 1]) for s, m in enumerate(slot_modality)]
+    # Modality by position within the pass (padding included, as in the padded original).
+    by_position = torch.cat([torch.full((b - a,), m, dtype=torch.int32) for m, a, b in slots])
+    by_position = by_position.repeat(B)
     for block in model.blocks:
-        x = _padded_block(block, x, valid, pos, slots, model.bias_lut)
-    x = _per_slot(x, slots, lambda xs, m: _slot_layer_norm(model.final_norm, xs, m))
+        x = _padded_block(block, x, valid, pos, slots, by_position, model.bias_lut)
+    x = model.final_norm(x.reshape(-1, D), by_position).view(B, -1, D)
     return [[x[b, bounds[s]:bounds[s] + row[s].shape[0]] for s in range(len(slots))]
             for b, row in enumerate(tokens)]
 
 
-def _per_slot(x: torch.Tensor, slots, fn) -> torch.Tensor:
-    return torch.cat([fn(x[:, a:b], m) for m, a, b in slots], dim=1)
-
-
-def _slot_layer_norm(norm, x: torch.Tensor, m: int) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), norm.weight[m], norm.bias[m], norm.eps)
-
-
-def _padded_block(block: Block, x, valid, pos, slots, bias_lut) -> torch.Tensor:
+def _padded_block(block: Block, x, valid, pos, slots, by_position, bias_lut) -> torch.Tensor:
     B, L, D = x.shape
     attn = block.attn
     H, Dh = attn.num_heads, attn.head_dim
@@ -139,13 +134,8 @@ def _padded_block(block: Block, x, valid, pos, slots, bias_lut) -> torch.Tensor:
         out = attn.sub_ln(out)
     out = attn.out_proj(out)
     x = x + (out * block.gamma_attn if block.gamma_attn is not None else out)
-
-    def ffn(xs: torch.Tensor, m: int) -> torch.Tensor:
-        flat = _slot_layer_norm(block.ffn_norm, xs, m).reshape(-1, D)
-        ids = torch.full((flat.shape[0],), m, dtype=torch.int32)
-        return block.ffn(flat, ids).view(xs.shape)
-
-    out = _per_slot(x, slots, ffn)
+    flat = x.reshape(-1, D)
+    out = block.ffn(block.ffn_norm(flat, by_position), by_position).view(B, L, D)
     return x + (out * block.gamma_ffn if block.gamma_ffn is not None else out)
 
 

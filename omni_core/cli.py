@@ -1,0 +1,84 @@
+"""The ``omni`` command.
+
+    omni model info PRESET            parameter count and shape of a preset
+    omni bench packing [--json]       packed step vs ONE-PEACE's padded step
+    omni bench kernels --static       static sm_80/sm_90 report of every Triton kernel
+    omni bench data [--json]          loader throughput and packing efficiency
+    omni data synth ...               generate the image–text–audio triplet dataset
+    omni pretrain ... / eval ... / embed ...
+    omni demo                         synth → pretrain (10 min) → eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+# subcommand -> (module, attribute) of a main(argv) -> int; imported only when used.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data synth": ("omni_core.data.synth", "main"),
+    "pretrain": ("omni_core.train.trainer", "main"),
+    "eval": ("omni_core.eval.retrieval", "main"),
+    "embed": ("omni_core.eval.embed", "main"),
+    "demo": ("omni_core.demo", "main"),
+    "bench data": ("omni_core.data.bench", "main"),
+}
+BENCH_FILES = {"packing": "packing.py", "kernels": "kernel_report.py"}
+
+
+def _benchmark_main(name: str) -> Callable[[list[str]], int]:
+    path = BENCHMARKS / BENCH_FILES[name]
+    if not path.exists():
+        raise SystemExit(f"omni bench {name}: {path} not found (benchmarks ship with the source checkout)")
+    spec = importlib.util.spec_from_file_location(f"omni_benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCHMARKS))
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def model_info(argv: list[str]) -> int:
+    from omni_core.model.omni import PRESETS, OmniModel
+
+    parser = argparse.ArgumentParser(prog="omni model info")
+    parser.add_argument("preset", choices=sorted(PRESETS))
+    args = parser.parse_args(argv)
+    model = OmniModel.from_preset(args.preset, device="meta")
+    cfg = model.cfg
+    print(f"preset        {args.preset}")
+    print(f"parameters    {model.num_parameters():,} ({model.num_parameters() / 1e9:.2f} B)")
+    print(f"layers        {cfg.depth}   width {cfg.dim}   heads {cfg.heads} (head dim {cfg.dim // cfg.heads})")
+    ffn = "GeGLU" if cfg.geglu else "GELU"
+    print(f"ffn           {ffn} {cfg.ffn_hidden} x 3 modalities{' + sub-LN' if cfg.sub_ln else ''}")
+    print(f"image         {cfg.image_size} px, {(cfg.image_size // 16) ** 2 + 1} tokens")
+    print(f"audio         {cfg.audio_front_end} front end, 50 frames/s, up to {cfg.audio_max_frames} frames")
+    print(f"text          vocab {cfg.vocab_size}, up to {cfg.text_max_len} tokens + CLS")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    head2 = " ".join(argv[:2])
+    if head2 == "model info":
+        return model_info(argv[2:])
+    if argv[0] == "bench" and len(argv) > 1 and argv[1] in BENCH_FILES:
+        return _benchmark_main(argv[1])(argv[2:])
+    for name, (module, attr) in COMMANDS.items():
+        words = name.split()
+        if argv[: len(words)] == words:
+            return getattr(importlib.import_module(module), attr)(argv[len(words):])
+    print(f"omni: unknown command {' '.join(argv)!r}\n{__doc__}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
