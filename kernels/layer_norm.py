@@ -143,16 +143,19 @@ def _layer_norm_bwd_kernel(
     tl.store(PartGroup + pid, grp)
 
 
-# Launch shapes. Compiled code keeps a whole row in registers, so the row tile shrinks as N
-# grows; the interpreter pays per program and per op, not per element, so it gets big tiles.
+# Launch shapes. Compiled code keeps whole rows in registers: a tile of at least 2048 elements
+# spread as 8 per thread (row tile shrinks as N grows, warps grow with it); the interpreter
+# pays per program and per op, not per element, so it gets big tiles.
+def compiled_row_block(n_block: int) -> int:
+    return max(1, 2048 // n_block)
+
+
 def row_block(n_block: int) -> int:
-    if interpreting():
-        return 16
-    return max(1, min(16, 4096 // n_block))
+    return 16 if interpreting() else compiled_row_block(n_block)
 
 
 def row_warps(n_block: int) -> int:
-    return min(16, max(4, n_block // 512))
+    return min(32, max(4, n_block * compiled_row_block(n_block) // 256))
 
 
 def rows_per_program(rows: int, block_rows: int, device: torch.device) -> int:
@@ -294,8 +297,12 @@ def layer_norm_triton(
 # ---------------------------------------------------------------------------------------------
 
 _DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
-# Widths that matter: ONE-PEACE 4B (model 1536, sub-LN over 6144) and the tiny test model.
+# Widths that matter: ONE-PEACE 4B (model 1536, sub-LN over 6144) and the tiny test model. The
+# backward keeps a whole row and its partial sums in registers, which spills past 4096 columns;
+# the 6144-wide sub-LN backward is the two-sweep kernel in routed_ffn.py, so only its forward
+# runs this file's kernels at that width.
 _AOT_WIDTHS = (192, 512, 1536, 6144)
+_AOT_BWD_MAX = 4096
 
 
 def aot_configs() -> list[AotConfig]:
@@ -305,7 +312,7 @@ def aot_configs() -> list[AotConfig]:
         elem = {"fp16": 2, "bf16": 2, "fp32": 4}[name]
         for n in _AOT_WIDTHS:
             block_n = triton.next_power_of_2(n)
-            block_rows = max(1, min(16, 4096 // block_n))
+            block_rows = compiled_row_block(block_n)
             warps = row_warps(block_n)
             common = {"HAS_W": True, "HAS_B": True, "BLOCK_ROWS": block_rows, "BLOCK_N": block_n}
             label = f"N={n} BLOCK_ROWS={block_rows} BLOCK_N={block_n} warps={warps}"
@@ -317,6 +324,8 @@ def aot_configs() -> list[AotConfig]:
                 constexprs=common, num_warps=warps, num_stages=1, label=label, dtype=name,
                 flops=8 * rows * n, min_bytes=2 * rows * n * elem + 8 * rows,
             ))
+            if n > _AOT_BWD_MAX:
+                continue
             configs.append(AotConfig(
                 kernel="layer_norm_bwd", fn=_layer_norm_bwd_kernel,
                 signature={"X": ptr, "DY": ptr, "DX": ptr, "W": ptr, "Mean": "*fp32", "Rstd": "*fp32",

@@ -59,19 +59,17 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from omni_core.kernels._aot import AotConfig
 from omni_core.kernels.layer_norm import (
     group_tile,
     interpreting,
-    layer_norm_dx,
     layer_norm_fwd_grouped,
     new_buffer,
-    row_block,
-    row_warps,
     rows_per_program,
 )
 
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
@@ -98,35 +96,48 @@ def _mma(a, b, acc, INTERPRET: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _tile_rows(Perm, Offsets, M, BLOCK_M: tl.constexpr):
+    """This program's grouped rows: (modality, rows, row mask, perm[rows], live).
+
+    Rows past the tile end are clamped to row 0 and masked only at the store, so the K loop
+    loads without a row mask; ``live`` is False for the spare programs of the grid bound.
+    """
+    m, start, end = group_tile(tl.program_id(0), Offsets, M, BLOCK_M)
+    rows = start + tl.arange(0, BLOCK_M)
+    rmask = rows < end
+    rows = tl.where(rmask, rows, 0).to(tl.int64)
+    tok = tl.load(Perm + rows).to(tl.int64)
+    return m, rows, rmask, tok, start < end
+
+
+@triton.jit
 def _ffn_in_kernel(
     X, Perm, Offsets, W_in, W_gate, B_in, U, G, H, M, D, F,
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    m, start, end = group_tile(tl.program_id(0), Offsets, M, BLOCK_M)
-    rows = start + tl.arange(0, BLOCK_M)
-    rmask = rows < end
-    tok = tl.load(Perm + rows, mask=rmask, other=0).to(tl.int64)  # gather, no permuted copy
+    m, rows, rmask, tok, live = _tile_rows(Perm, Offsets, M, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < F
-    w_off = m.to(tl.int64) * D * F
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = X + tok[:, None] * D + ks[None, :]  # gather through perm: no permuted copy of x
+    w_ptrs = m.to(tl.int64) * D * F + ks[:, None] * F + (cols % F)[None, :]
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < D
-        a = tl.load(X + tok[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        w_ptrs = w_off + ks[:, None] * F + cols[None, :]
-        wmask = kmask[:, None] & cmask[None, :]
-        acc_u = _mma(a, tl.load(W_in + w_ptrs, mask=wmask, other=0.0), acc_u, INTERPRET, PREC)
+    for k0 in range(0, tl.where(live, D, 0), BLOCK_K):
+        kmask = ks < D - k0
+        a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+        acc_u = _mma(a, tl.load(W_in + w_ptrs, mask=kmask[:, None], other=0.0), acc_u, INTERPRET, PREC)
         if GATED:
-            acc_g = _mma(a, tl.load(W_gate + w_ptrs, mask=wmask, other=0.0), acc_g, INTERPRET, PREC)
+            acc_g = _mma(a, tl.load(W_gate + w_ptrs, mask=kmask[:, None], other=0.0), acc_g, INTERPRET, PREC)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * F
     if HAS_BIAS:
         acc_u += tl.load(B_in + m * F + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     dtype = H.dtype.element_ty
     # The activation reads the rounded U/G, exactly what the backward will recompute it from.
     u = acc_u.to(dtype)
-    offs = rows.to(tl.int64)[:, None] * F + cols[None, :]
+    offs = rows[:, None] * F + cols[None, :]
     omask = rmask[:, None] & cmask[None, :]
     tl.store(U + offs, u, mask=omask)
     if GATED:
@@ -145,36 +156,37 @@ def _ffn_in_kernel(
 
 @triton.jit
 def _grouped_mm_kernel(
-    A, A2, Perm, Offsets, B, B2, Bias, C, M, N, K, stride_bm, stride_bk, stride_bn,
+    A, A2, Perm, Offsets, B, B2, Bias, C, M, N, K,
     GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, PAIR2: tl.constexpr, HAS_BIAS: tl.constexpr,
+    TRANS_B: tl.constexpr,
     INTERPRET: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``C[c_row] = A[a_row] @ B[m] (+ A2[a_row] @ B2[m]) (+ Bias[m])`` for grouped row r of
     modality m; ``a_row``/``c_row`` is ``perm[r]`` when gathering/scattering, else r. A, A2
-    and C are contiguous row-major; B is addressed by strides (a transposed weight is free)."""
-    m, start, end = group_tile(tl.program_id(0), Offsets, M, BLOCK_M)
-    rows = start + tl.arange(0, BLOCK_M)
-    rmask = rows < end
-    tok = tl.load(Perm + rows, mask=rmask, other=0).to(tl.int64)
-    a_rows = tok if GATHER_A else rows.to(tl.int64)
-    c_rows = tok if SCATTER_C else rows.to(tl.int64)
+    and C are contiguous row-major; B[m] is a contiguous ``[K, N]`` weight, or with ``TRANS_B``
+    a contiguous ``[N, K]`` one read transposed (no transposed copy)."""
+    m, rows, rmask, tok, live = _tile_rows(Perm, Offsets, M, BLOCK_M)
+    a_rows = tok if GATHER_A else rows
+    c_rows = tok if SCATTER_C else rows
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
-    b_off = m.to(tl.int64) * stride_bm
+    ks = tl.arange(0, BLOCK_K)
+    a_offs = a_rows[:, None] * K + ks[None, :]
+    if TRANS_B:
+        b_offs = m.to(tl.int64) * N * K + ks[:, None] + (cols % N)[None, :] * K
+    else:
+        b_offs = m.to(tl.int64) * N * K + ks[:, None] * N + (cols % N)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < K
-        a_ptrs = a_rows[:, None] * K + ks[None, :]
-        amask = rmask[:, None] & kmask[None, :]
-        b_ptrs = b_off + ks[:, None] * stride_bk + cols[None, :] * stride_bn
-        bmask = kmask[:, None] & cmask[None, :]
-        acc = _mma(tl.load(A + a_ptrs, mask=amask, other=0.0), tl.load(B + b_ptrs, mask=bmask, other=0.0),
-                   acc, INTERPRET, PREC)
+    for k0 in range(0, tl.where(live, K, 0), BLOCK_K):
+        kmask = ks < K - k0
+        acc = _mma(tl.load(A + a_offs, mask=kmask[None, :], other=0.0),
+                   tl.load(B + b_offs, mask=kmask[:, None], other=0.0), acc, INTERPRET, PREC)
         if PAIR2:
-            acc = _mma(tl.load(A2 + a_ptrs, mask=amask, other=0.0),
-                       tl.load(B2 + b_ptrs, mask=bmask, other=0.0), acc, INTERPRET, PREC)
+            acc = _mma(tl.load(A2 + a_offs, mask=kmask[None, :], other=0.0),
+                       tl.load(B2 + b_offs, mask=kmask[:, None], other=0.0), acc, INTERPRET, PREC)
+        a_offs += BLOCK_K
+        b_offs += BLOCK_K if TRANS_B else BLOCK_K * N
     if HAS_BIAS:
         acc += tl.load(Bias + m * N + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     tl.store(C + c_rows[:, None] * N + cols[None, :], acc.to(C.dtype.element_ty),
@@ -196,7 +208,8 @@ def _grouped_wgrad_kernel(
     """``DW[m] [P, N] = sum over modality m's grouped rows r of A[a_row]^T B[b_row]``.
 
     The reduction runs over the (variable) token count of one modality, so the grid is over
-    output tiles only: (modality x P tile, N tile). BLOCK_M tiles P, BLOCK_K the tokens.
+    output tiles only: (modality x P tile, N tile). BLOCK_M tiles P, BLOCK_K the tokens; a
+    modality without tokens skips the loop and writes zeros.
     """
     pid = tl.program_id(0)
     p_tiles = tl.cdiv(P, BLOCK_M)
@@ -205,6 +218,7 @@ def _grouped_wgrad_kernel(
     pmask = ps < P
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
+    ps_in, cols_in = ps % P, cols % N  # clamped: loads need only the token mask
     lo = tl.load(Offsets + m)
     hi = tl.load(Offsets + m + 1)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -212,11 +226,13 @@ def _grouped_wgrad_kernel(
     for r0 in range(lo, hi, BLOCK_K):
         rows = r0 + tl.arange(0, BLOCK_K)
         rmask = rows < hi
-        tok = tl.load(Perm + rows, mask=rmask, other=0).to(tl.int64)
-        a_rows = tok if GATHER_A else rows.to(tl.int64)
-        b_rows = tok if GATHER_B else rows.to(tl.int64)
-        a_t = tl.load(A + a_rows[None, :] * P + ps[:, None], mask=pmask[:, None] & rmask[None, :], other=0.0)
-        b = tl.load(B + b_rows[:, None] * N + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        rows = tl.where(rmask, rows, lo).to(tl.int64)
+        if GATHER_A or GATHER_B:
+            tok = tl.load(Perm + rows).to(tl.int64)
+        a_rows = tok if GATHER_A else rows
+        b_rows = tok if GATHER_B else rows
+        a_t = tl.load(A + a_rows[None, :] * P + ps_in[:, None], mask=rmask[None, :], other=0.0)
+        b = tl.load(B + b_rows[:, None] * N + cols_in[None, :], mask=rmask[:, None], other=0.0)
         acc = _mma(a_t, b, acc, INTERPRET, PREC)
         if HAS_DB:
             acc_b += tl.sum(b.to(tl.float32), axis=0)
@@ -233,58 +249,102 @@ def _grouped_wgrad_kernel(
 
 
 @triton.jit
+def _hidden_tile(U, G, offs, mask, GATED: tl.constexpr, dtype: tl.constexpr):
+    """Recompute ``(u, g, gelu(g), h)`` of a tile from the saved U/G, h rounded as stored."""
+    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    if GATED:
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+        gelu_g = _gelu(g)
+        h = (gelu_g * u).to(dtype).to(tl.float32)
+    else:
+        g = u
+        gelu_g = u
+        h = _gelu(u).to(dtype).to(tl.float32)
+    return u, g, gelu_g, h
+
+
+@triton.jit
 def _ffn_hidden_bwd_kernel(
-    U, G, DHN, HN, DU, DG, LnW, LnB, Mean, Rstd, PartW, PartB, PartGroup, Offsets,
+    U, G, DHN, HN, DU, DG, LnW, LnB, Mean, Rstd, RowC1, RowC2, PartW, PartB, PartGroup, Offsets,
     M, F, rows_per_prog,
     GATED: tl.constexpr, HAS_LN: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """One program: a chunk of one modality's rows, all F columns in BLOCK_N slices.
+
+    A hidden row (F = 6144 at ONE-PEACE 4B) does not fit in registers with the ~10 live
+    arrays this step needs, so the LN backward runs in two sweeps: sweep 1 (rows outer)
+    reduces the row sums ``mean(w dHN xhat)``/``mean(w dHN)`` into a fp32 scratch; sweep 2
+    (column slices outer, rows inner) writes HN, dU, dG and keeps one slice of the
+    ``dln_weight``/``dln_bias`` partial sums in registers.
+    """
     pid = tl.program_id(0)
     m, start, end = group_tile(pid, Offsets, M, rows_per_prog)
-    cols = tl.arange(0, BLOCK_N)
-    cmask = cols < F
     dtype = HN.dtype.element_ty
     if HAS_LN:
-        w = tl.load(LnW + m * F + cols, mask=cmask, other=0.0).to(tl.float32)
-        if HAS_LN_BIAS:
-            b = tl.load(LnB + m * F + cols, mask=cmask, other=0.0).to(tl.float32)
-        else:
-            b = tl.zeros((BLOCK_N,), tl.float32)
-    acc_w = tl.zeros((BLOCK_N,), tl.float32)
-    acc_b = tl.zeros((BLOCK_N,), tl.float32)
-    for r0 in range(start, end, BLOCK_ROWS):
-        rows = r0 + tl.arange(0, BLOCK_ROWS)
-        rmask = rows < end
-        mask = rmask[:, None] & cmask[None, :]
-        offs = rows.to(tl.int64)[:, None] * F + cols[None, :]
-        u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-        if GATED:
-            g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-            gelu_g = _gelu(g)
-            h = (gelu_g * u).to(dtype).to(tl.float32)  # H as the forward stored it
-        else:
-            h = _gelu(u).to(dtype).to(tl.float32)
-        dhn = tl.load(DHN + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_LN:
+        for r0 in range(start, end, BLOCK_ROWS):
+            rows = r0 + tl.arange(0, BLOCK_ROWS)
+            rmask = rows < end
             mean = tl.load(Mean + rows, mask=rmask, other=0.0)
             rstd = tl.load(Rstd + rows, mask=rmask, other=0.0)
-            xhat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
-            tl.store(HN + offs, (xhat * w[None, :] + b[None, :]).to(dtype), mask=mask)
-            acc_w += tl.sum(dhn * xhat, axis=0)
-            acc_b += tl.sum(dhn, axis=0)
-            # LN's dx, rounded like the same-precision torch chain rounds dH.
-            dh = layer_norm_dx(dhn, xhat, w, rstd, mask, F).to(dtype).to(tl.float32)
-        else:
-            tl.store(HN + offs, h.to(dtype), mask=mask)
-            dh = dhn
-        if GATED:
-            tl.store(DU + offs, (dh * gelu_g).to(dtype), mask=mask)
-            tl.store(DG + offs, (dh * u * _gelu_grad(g)).to(dtype), mask=mask)
-        else:
-            tl.store(DU + offs, (dh * _gelu_grad(u)).to(dtype), mask=mask)
+            c1 = tl.zeros((BLOCK_ROWS,), tl.float32)
+            c2 = tl.zeros((BLOCK_ROWS,), tl.float32)
+            for c0 in range(0, F, BLOCK_N):
+                cols = c0 + tl.arange(0, BLOCK_N)
+                cmask = cols < F
+                mask = rmask[:, None] & cmask[None, :]
+                offs = rows.to(tl.int64)[:, None] * F + cols[None, :]
+                _, _, _, h = _hidden_tile(U, G, offs, mask, GATED, dtype)
+                xhat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
+                w = tl.load(LnW + m * F + cols, mask=cmask, other=0.0).to(tl.float32)
+                wd = tl.load(DHN + offs, mask=mask, other=0.0).to(tl.float32) * w[None, :]
+                c1 += tl.sum(wd * xhat, axis=1)
+                c2 += tl.sum(wd, axis=1)
+            tl.store(RowC1 + rows, c1 / F, mask=rmask)
+            tl.store(RowC2 + rows, c2 / F, mask=rmask)
+        tl.debug_barrier()  # sweep 2 reads row sums other threads of this program wrote
+    for c0 in range(0, F, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        cmask = cols < F
+        if HAS_LN:
+            w = tl.load(LnW + m * F + cols, mask=cmask, other=0.0).to(tl.float32)
+            if HAS_LN_BIAS:
+                b = tl.load(LnB + m * F + cols, mask=cmask, other=0.0).to(tl.float32)
+            else:
+                b = tl.zeros((BLOCK_N,), tl.float32)
+        acc_w = tl.zeros((BLOCK_N,), tl.float32)
+        acc_b = tl.zeros((BLOCK_N,), tl.float32)
+        for r0 in range(start, end, BLOCK_ROWS):
+            rows = r0 + tl.arange(0, BLOCK_ROWS)
+            rmask = rows < end
+            mask = rmask[:, None] & cmask[None, :]
+            offs = rows.to(tl.int64)[:, None] * F + cols[None, :]
+            u, g, gelu_g, h = _hidden_tile(U, G, offs, mask, GATED, dtype)
+            dhn = tl.load(DHN + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_LN:
+                mean = tl.load(Mean + rows, mask=rmask, other=0.0)
+                rstd = tl.load(Rstd + rows, mask=rmask, other=0.0)
+                c1 = tl.load(RowC1 + rows, mask=rmask, other=0.0)
+                c2 = tl.load(RowC2 + rows, mask=rmask, other=0.0)
+                xhat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
+                tl.store(HN + offs, (xhat * w[None, :] + b[None, :]).to(dtype), mask=mask)
+                acc_w += tl.sum(dhn * xhat, axis=0)
+                acc_b += tl.sum(dhn, axis=0)
+                # LN's dx, rounded like the same-precision torch chain rounds dH.
+                dh = ((dhn * w[None, :] - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]).to(dtype)
+                dh = dh.to(tl.float32)
+            else:
+                tl.store(HN + offs, h.to(dtype), mask=mask)
+                dh = dhn
+            if GATED:
+                tl.store(DU + offs, (dh * gelu_g).to(dtype), mask=mask)
+                tl.store(DG + offs, (dh * u * _gelu_grad(g)).to(dtype), mask=mask)
+            else:
+                tl.store(DU + offs, (dh * _gelu_grad(u)).to(dtype), mask=mask)
+        if HAS_LN:
+            tl.store(PartW + pid * F + cols, acc_w, mask=cmask)
+            tl.store(PartB + pid * F + cols, acc_b, mask=cmask)
     if HAS_LN:
-        tl.store(PartW + pid * F + cols, acc_w, mask=cmask)
-        tl.store(PartB + pid * F + cols, acc_b, mask=cmask)
         tl.store(PartGroup + pid, m)
 
 
@@ -300,12 +360,12 @@ GEMM_CONFIGS = [
     (64, 128, 32, 4, 4),
     (128, 64, 32, 4, 4),
 ]
-# Dual-accumulator GEMM-1 (GeGLU): two 128x128 fp32 accumulators do not fit one thread block's
-# registers with 4 warps, so its configs are narrower.
+# GEMM-1 holds two fp32 accumulators (GeGLU): at 128x128 they spill on sm_80 even with 8
+# warps, so its tiles hold half as many outputs.
 GEMM1_CONFIGS = [
-    (128, 128, 32, 8, 3),
-    (64, 128, 32, 4, 3),
     (128, 64, 32, 4, 3),
+    (64, 128, 32, 4, 3),
+    (64, 64, 64, 4, 3),
 ]
 # Under the interpreter each program costs per op, not per element: one big tile.
 _INTERPRET_BLOCKS = (64, 64, 64)
@@ -322,6 +382,15 @@ def _tuned(kernel: triton.JITFunction, configs: list[tuple[int, int, int, int, i
 _ffn_in_tuned = _tuned(_ffn_in_kernel, GEMM1_CONFIGS, ["D", "F", "GATED"])
 _grouped_mm_tuned = _tuned(_grouped_mm_kernel, GEMM_CONFIGS, ["N", "K", "GATHER_A", "SCATTER_C", "PAIR2"])
 _grouped_wgrad_tuned = _tuned(_grouped_wgrad_kernel, GEMM_CONFIGS, ["P", "N", "GATHER_A", "GATHER_B"])
+
+
+def _hidden_blocks(F: int, compiled: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_ROWS, BLOCK_N, num_warps) of the hidden backward: 8 elements a thread per live
+    array compiled (no spills); whole rows under the interpreter (fewer, bigger steps)."""
+    if interpreting() and not compiled:
+        return 16, triton.next_power_of_2(F), 4
+    block_n = min(512, triton.next_power_of_2(F))
+    return 2048 // block_n, block_n, 8
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -344,7 +413,7 @@ def _launch(kernel: triton.JITFunction, tuned, grid_rows, grid_cols, *args, **fl
 
 def _grouped_mm(
     a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor,
-    b_strides: tuple[int, int, int], *, gather_a: bool = False, scatter_c: bool = False,
+    *, trans_b: bool = False, gather_a: bool = False, scatter_c: bool = False,
     a2: torch.Tensor | None = None, b2: torch.Tensor | None = None, bias: torch.Tensor | None = None,
 ) -> None:
     T, K = a.shape
@@ -355,7 +424,7 @@ def _grouped_mm(
     _launch(
         _grouped_mm_kernel, _grouped_mm_tuned,
         lambda bm: triton.cdiv(T, bm) + M - 1, lambda bn: triton.cdiv(N, bn),
-        a, a2, perm, offsets, b, b2, bias, out, M, N, K, *b_strides,
+        a, a2, perm, offsets, b, b2, bias, out, M, N, K, TRANS_B=trans_b,
         GATHER_A=gather_a, SCATTER_C=scatter_c, PAIR2=a2 is not None, HAS_BIAS=bias is not None,
         PREC=_prec(a.dtype),
     )
@@ -402,7 +471,7 @@ def _forward(
     else:
         hn, mean, rstd = H, x.new_empty((0,), dtype=torch.float32), x.new_empty((0,), dtype=torch.float32)
     y = new_buffer((T, D), x.dtype, x.device)
-    _grouped_mm(hn, w_out, y, perm, offsets, (F * D, D, 1), scatter_c=True, bias=b_out)
+    _grouped_mm(hn, w_out, y, perm, offsets, scatter_c=True, bias=b_out)
     return y, U, G, mean, rstd
 
 
@@ -418,23 +487,25 @@ def _backward(
     gated, has_ln, has_ln_bias = w_gate is not None, ln_weight is not None, ln_bias is not None
     dy = dy.contiguous()
     dhn = new_buffer((T, F), x.dtype, x.device)
-    _grouped_mm(dy, w_out, dhn, perm, offsets, (F * D, 1, D), gather_a=True)
+    _grouped_mm(dy, w_out, dhn, perm, offsets, trans_b=True, gather_a=True)
 
     hn = new_buffer((T, F), x.dtype, x.device)
     du = new_buffer((T, F), x.dtype, x.device)
     dg = new_buffer((T, F), x.dtype, x.device) if gated else None
-    block_n = triton.next_power_of_2(F)
-    block_rows = row_block(block_n)
+    block_rows, block_n, warps = _hidden_blocks(F)
     per = rows_per_program(T, block_rows, x.device)
     progs = triton.cdiv(T, per) + M - 1 if T else 0
     part_w = new_buffer((progs, F), torch.float32, x.device)
     part_b = new_buffer((progs, F), torch.float32, x.device)
     part_g = torch.zeros((progs,), dtype=torch.int32, device=x.device)
+    row_c1 = new_buffer((T if has_ln else 0,), torch.float32, x.device)
+    row_c2 = new_buffer((T if has_ln else 0,), torch.float32, x.device)
     if progs:
         _ffn_hidden_bwd_kernel[(progs,)](
-            U, G, dhn, hn, du, dg, ln_weight, ln_bias, mean, rstd, part_w, part_b, part_g, offsets,
-            M, F, per, GATED=gated, HAS_LN=has_ln, HAS_LN_BIAS=has_ln_bias,
-            BLOCK_ROWS=block_rows, BLOCK_N=block_n, num_warps=row_warps(block_n),
+            U, G, dhn, hn, du, dg, ln_weight, ln_bias, mean, rstd, row_c1, row_c2,
+            part_w, part_b, part_g, offsets, M, F, per,
+            GATED=gated, HAS_LN=has_ln, HAS_LN_BIAS=has_ln_bias,
+            BLOCK_ROWS=block_rows, BLOCK_N=block_n, num_warps=warps,
         )
     dln_w = dln_b = None
     if has_ln:
@@ -445,7 +516,7 @@ def _backward(
 
     dw_out, db_out = _grouped_wgrad(hn, dy, perm, offsets, gather_b=True, with_db=has_b_out)
     dx = new_buffer((T, D), x.dtype, x.device)
-    _grouped_mm(du, w_in, dx, perm, offsets, (D * F, 1, F), scatter_c=True, a2=dg, b2=w_gate)
+    _grouped_mm(du, w_in, dx, perm, offsets, trans_b=True, scatter_c=True, a2=dg, b2=w_gate)
     dw_in, db_in = _grouped_wgrad(x, du, perm, offsets, gather_a=True, with_db=has_b_in)
     dw_gate = _grouped_wgrad(x, dg, perm, offsets, gather_a=True)[0] if gated else None
     return [dx, dw_in, dw_out, db_in, db_out, dw_gate, dln_w, dln_b]
@@ -549,3 +620,80 @@ def routed_ffn_triton(
     """The ``triton`` backend of ``omni_core.ops.routed_ffn`` (inputs already validated there)."""
     perm, offsets = group_by_modality(modality, w_in.shape[0])
     return routed_ffn_grouped(x, perm, offsets, w_in, w_out, b_in, b_out, w_gate, ln_weight, ln_bias, eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time configs for benchmarks/kernel_report.py: every autotune config x dtype, for
+# every specialisation the forward and backward launch, on the ONE-PEACE 4B shape.
+# ---------------------------------------------------------------------------------------------
+
+_AOT_T, _AOT_D, _AOT_F = 32768, 1536, 6144
+
+
+def aot_configs() -> list[AotConfig]:
+    T, D, F = _AOT_T, _AOT_D, _AOT_F
+    configs = []
+    for dtype, elem in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
+        ptr = f"*{dtype}"
+        prec = "ieee" if dtype == "fp32" else "tf32"
+        gemm_flops = 2 * T * D * F
+        # (kernel label, fn, tunable configs, pointer args, runtime ints, flags, FLOPs, bytes)
+        variants = [
+            ("ffn_in_geglu", _ffn_in_kernel, GEMM1_CONFIGS,
+             ["X", "W_in", "W_gate", "B_in", "U", "G", "H"], ["M", "D", "F"],
+             {"GATED": True, "HAS_BIAS": False}, 2 * gemm_flops, elem * (T * D + 2 * D * F + 3 * T * F)),
+            ("ffn_in_gelu", _ffn_in_kernel, GEMM1_CONFIGS,
+             ["X", "W_in", "W_gate", "B_in", "U", "G", "H"], ["M", "D", "F"],
+             {"GATED": False, "HAS_BIAS": True}, gemm_flops, elem * (T * D + D * F + 2 * T * F)),
+            ("ffn_out", _grouped_mm_kernel, GEMM_CONFIGS,
+             ["A", "A2", "B", "B2", "Bias", "C"], ["M", "N", "K"],
+             {"GATHER_A": False, "SCATTER_C": True, "PAIR2": False, "HAS_BIAS": True, "TRANS_B": False},
+             gemm_flops, elem * (T * F + F * D + T * D)),
+            ("bwd_dhn", _grouped_mm_kernel, GEMM_CONFIGS,
+             ["A", "A2", "B", "B2", "Bias", "C"], ["M", "N", "K"],
+             {"GATHER_A": True, "SCATTER_C": False, "PAIR2": False, "HAS_BIAS": False, "TRANS_B": True},
+             gemm_flops, elem * (T * D + F * D + T * F)),
+            ("bwd_dx", _grouped_mm_kernel, GEMM_CONFIGS,
+             ["A", "A2", "B", "B2", "Bias", "C"], ["M", "N", "K"],
+             {"GATHER_A": False, "SCATTER_C": True, "PAIR2": True, "HAS_BIAS": False, "TRANS_B": True},
+             2 * gemm_flops, elem * (2 * T * F + 2 * F * D + T * D)),
+            ("bwd_dw_out", _grouped_wgrad_kernel, GEMM_CONFIGS,
+             ["A", "B", "DW", "DB"], ["P", "N"],
+             {"GATHER_A": False, "GATHER_B": True, "HAS_DB": True},
+             gemm_flops, elem * (T * F + T * D + F * D)),
+            ("bwd_dw_in", _grouped_wgrad_kernel, GEMM_CONFIGS,
+             ["A", "B", "DW", "DB"], ["P", "N"],
+             {"GATHER_A": True, "GATHER_B": False, "HAS_DB": True},
+             gemm_flops, elem * (T * D + T * F + D * F)),
+        ]
+        for label, fn, tunables, ptrs, ints, flags, flops, nbytes in variants:
+            for bm, bn, bk, warps, stages in tunables:
+                constexprs = {**flags, "INTERPRET": False, "PREC": prec,
+                              "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+                signature = {**dict.fromkeys(ptrs, ptr), "Perm": "*i32", "Offsets": "*i32",
+                             **dict.fromkeys(ints, "i32"), **dict.fromkeys(constexprs, "constexpr")}
+                signature = {name: signature[name] for name in fn.arg_names}
+                configs.append(AotConfig(
+                    kernel=f"routed_ffn_{label}", fn=fn, signature=signature, constexprs=constexprs,
+                    num_warps=warps, num_stages=stages, dtype=dtype, flops=flops, min_bytes=nbytes,
+                    label=f"BLOCK_M={bm} BLOCK_N={bn} BLOCK_K={bk} warps={warps} stages={stages}",
+                    divisible_by_16=tuple(n for n in ints if n != "M"),
+                ))
+        for f in (F, 512):
+            block_n = triton.next_power_of_2(f)
+            block_rows, block_n, warps = _hidden_blocks(f, compiled=True)
+            flags = {"GATED": True, "HAS_LN": True, "HAS_LN_BIAS": True,
+                     "BLOCK_ROWS": block_rows, "BLOCK_N": block_n}
+            signature = {**dict.fromkeys(["U", "G", "DHN", "HN", "DU", "DG", "LnW", "LnB"], ptr),
+                         **dict.fromkeys(["Mean", "Rstd", "RowC1", "RowC2", "PartW", "PartB"], "*fp32"),
+                         "PartGroup": "*i32", "Offsets": "*i32",
+                         "M": "i32", "F": "i32", "rows_per_prog": "i32",
+                         **dict.fromkeys(flags, "constexpr")}
+            configs.append(AotConfig(
+                kernel="routed_ffn_bwd_hidden", fn=_ffn_hidden_bwd_kernel, signature=signature,
+                constexprs=flags, num_warps=warps, num_stages=1, dtype=dtype,
+                flops=30 * T * f, min_bytes=elem * 6 * T * f,
+                label=f"F={f} BLOCK_ROWS={block_rows} BLOCK_N={block_n} warps={warps}",
+                divisible_by_16=("F",),
+            ))
+    return configs
