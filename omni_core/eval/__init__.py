@@ -1,0 +1,1 @@
+"""Retrieval and zero-shot evaluation, and embedding export."""

@@ -1,0 +1,90 @@
+"""``omni eval``: cross-modal retrieval on the eval split.
+
+For each of the six directions (image↔text, audio↔text and the emergent image↔audio)
+every query ranks all candidates of the other modality by cosine similarity; R@k is the
+fraction of queries whose own partner ranks in the top k. Chance is k / N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from omni_core.model.omni import AUDIO, IMAGE, TEXT, OmniModel
+from omni_core.train.data import load_split
+from omni_core.train.trainer import load_trained, triplet_embeddings
+
+DIRECTIONS = [("image", "text"), ("text", "image"), ("audio", "text"), ("text", "audio"),
+              ("image", "audio"), ("audio", "image")]
+MODALITY = {"text": TEXT, "image": IMAGE, "audio": AUDIO}
+KS = (1, 5, 10)
+
+
+@torch.no_grad()
+def embed_split(model: OmniModel, samples, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    model.eval()
+    parts: dict[int, list[torch.Tensor]] = {m: [] for m in MODALITY.values()}
+    for start in range(0, len(samples), batch_size):
+        emb = triplet_embeddings(model, samples[start:start + batch_size])
+        for m, e in emb.items():
+            parts[m].append(e.float().cpu())
+    return {name: torch.cat(parts[m]) for name, m in MODALITY.items()}
+
+
+def recall_at_k(queries: torch.Tensor, candidates: torch.Tensor, ks=KS) -> dict[str, float]:
+    """Query i's partner is candidate i."""
+    sim = queries @ candidates.t()
+    own = sim.diagonal()[:, None]
+    rank = (sim > own).sum(dim=1)  # candidates strictly better than the partner
+    return {f"R@{k}": round((rank < k).float().mean().item(), 4) for k in ks}
+
+
+def retrieval_metrics(emb: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    n = emb["text"].shape[0]
+    out = {}
+    for query, target in DIRECTIONS:
+        row = recall_at_k(emb[query], emb[target])
+        row["chance"] = round(1.0 / n, 6)
+        row.update({f"chance@{k}": round(min(1.0, k / n), 6) for k in KS})
+        out[f"{query}->{target}"] = row
+    return out
+
+
+def directions(result: dict) -> dict[str, dict[str, float]]:
+    return {f"{q}->{t}": result[f"{q}->{t}"] for q, t in DIRECTIONS}
+
+
+def format_table(metrics: dict[str, dict[str, float]]) -> str:
+    lines = [f"{'direction':<16}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'chance R@1':>12}"]
+    for name, row in metrics.items():
+        lines.append(f"{name:<16}{row['R@1']:>8.3f}{row['R@5']:>8.3f}{row['R@10']:>8.3f}{row['chance']:>12.4f}")
+    return "\n".join(lines)
+
+
+def evaluate(run_dir: str | Path, data: str | Path, loader: str = "auto") -> dict:
+    model, _ = load_trained(run_dir)
+    split = load_split(data, "eval", model.cfg.image_size, loader)
+    metrics = retrieval_metrics(embed_split(model, split.samples))
+    return {**metrics, "num_eval": len(split.samples), "skipped": split.skipped}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="omni eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="run directory written by omni pretrain")
+    p.add_argument("--data", required=True, help="dataset directory")
+    p.add_argument("--loader", choices=["auto", "dali", "pil"], default="auto")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--out", help="also write the JSON here")
+    a = p.parse_args(argv)
+    result = evaluate(a.run, a.data, a.loader)
+    if a.out:
+        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2) if a.json else format_table(directions(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
