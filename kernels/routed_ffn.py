@@ -66,6 +66,7 @@ from omni_core.kernels.layer_norm import (
     layer_norm_fwd_grouped,
     new_buffer,
     rows_per_program,
+    to_storage,
 )
 
 _INV_SQRT2 = tl.constexpr(0.7071067811865476)
@@ -136,17 +137,17 @@ def _ffn_in_kernel(
         acc_u += tl.load(B_in + m * F + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     dtype = H.dtype.element_ty
     # The activation reads the rounded U/G, exactly what the backward will recompute it from.
-    u = acc_u.to(dtype)
+    u = to_storage(acc_u, dtype)
     offs = rows[:, None] * F + cols[None, :]
     omask = rmask[:, None] & cmask[None, :]
     tl.store(U + offs, u, mask=omask)
     if GATED:
-        g = acc_g.to(dtype)
+        g = to_storage(acc_g, dtype)
         tl.store(G + offs, g, mask=omask)
         h = _gelu(g.to(tl.float32)) * u.to(tl.float32)
     else:
         h = _gelu(u.to(tl.float32))
-    tl.store(H + offs, h.to(dtype), mask=omask)
+    tl.store(H + offs, to_storage(h, dtype), mask=omask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +190,7 @@ def _grouped_mm_kernel(
         b_offs += BLOCK_K if TRANS_B else BLOCK_K * N
     if HAS_BIAS:
         acc += tl.load(Bias + m * N + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(C + c_rows[:, None] * N + cols[None, :], acc.to(C.dtype.element_ty),
+    tl.store(C + c_rows[:, None] * N + cols[None, :], to_storage(acc, C.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
 
 
@@ -237,10 +238,10 @@ def _grouped_wgrad_kernel(
         if HAS_DB:
             acc_b += tl.sum(b.to(tl.float32), axis=0)
     out = m.to(tl.int64) * P * N + ps[:, None] * N + cols[None, :]
-    tl.store(DW + out, acc.to(DW.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
+    tl.store(DW + out, to_storage(acc, DW.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
     if HAS_DB:
         if pid % p_tiles == 0:  # the first P tile of a modality owns its bias gradient
-            tl.store(DB + m * N + cols, acc_b.to(DB.dtype.element_ty), mask=cmask)
+            tl.store(DB + m * N + cols, to_storage(acc_b, DB.dtype.element_ty), mask=cmask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,11 +256,11 @@ def _hidden_tile(U, G, offs, mask, GATED: tl.constexpr, dtype: tl.constexpr):
     if GATED:
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
         gelu_g = _gelu(g)
-        h = (gelu_g * u).to(dtype).to(tl.float32)
+        h = to_storage(gelu_g * u, dtype).to(tl.float32)
     else:
         g = u
         gelu_g = u
-        h = _gelu(u).to(dtype).to(tl.float32)
+        h = to_storage(_gelu(u), dtype).to(tl.float32)
     return u, g, gelu_g, h
 
 
@@ -327,20 +328,20 @@ def _ffn_hidden_bwd_kernel(
                 c1 = tl.load(RowC1 + rows, mask=rmask, other=0.0)
                 c2 = tl.load(RowC2 + rows, mask=rmask, other=0.0)
                 xhat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
-                tl.store(HN + offs, (xhat * w[None, :] + b[None, :]).to(dtype), mask=mask)
+                tl.store(HN + offs, to_storage(xhat * w[None, :] + b[None, :], dtype), mask=mask)
                 acc_w += tl.sum(dhn * xhat, axis=0)
                 acc_b += tl.sum(dhn, axis=0)
                 # LN's dx, rounded like the same-precision torch chain rounds dH.
-                dh = ((dhn * w[None, :] - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]).to(dtype)
-                dh = dh.to(tl.float32)
+                dh = (dhn * w[None, :] - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+                dh = to_storage(dh, dtype).to(tl.float32)
             else:
-                tl.store(HN + offs, h.to(dtype), mask=mask)
+                tl.store(HN + offs, to_storage(h, dtype), mask=mask)
                 dh = dhn
             if GATED:
-                tl.store(DU + offs, (dh * gelu_g).to(dtype), mask=mask)
-                tl.store(DG + offs, (dh * u * _gelu_grad(g)).to(dtype), mask=mask)
+                tl.store(DU + offs, to_storage(dh * gelu_g, dtype), mask=mask)
+                tl.store(DG + offs, to_storage(dh * u * _gelu_grad(g), dtype), mask=mask)
             else:
-                tl.store(DU + offs, (dh * _gelu_grad(u)).to(dtype), mask=mask)
+                tl.store(DU + offs, to_storage(dh * _gelu_grad(u), dtype), mask=mask)
         if HAS_LN:
             tl.store(PartW + pid * F + cols, acc_w, mask=cmask)
             tl.store(PartB + pid * F + cols, acc_b, mask=cmask)
@@ -367,8 +368,9 @@ GEMM1_CONFIGS = [
     (64, 128, 32, 4, 3),
     (64, 64, 64, 4, 3),
 ]
-# Under the interpreter each program costs per op, not per element: one big tile.
-_INTERPRET_BLOCKS = (64, 64, 64)
+# Under the interpreter each program costs per op, not per element, so tiles are big; they stay
+# smaller than the test shapes so the K loop, several row tiles and ragged edges all run.
+_INTERPRET_BLOCKS = (32, 64, 32)
 
 
 def _tuned(kernel: triton.JITFunction, configs: list[tuple[int, int, int, int, int]], key: list[str]):
@@ -386,9 +388,10 @@ _grouped_wgrad_tuned = _tuned(_grouped_wgrad_kernel, GEMM_CONFIGS, ["P", "N", "G
 
 def _hidden_blocks(F: int, compiled: bool = False) -> tuple[int, int, int]:
     """(BLOCK_ROWS, BLOCK_N, num_warps) of the hidden backward: 8 elements a thread per live
-    array compiled (no spills); whole rows under the interpreter (fewer, bigger steps)."""
+    array compiled (no spills); under the interpreter bigger row tiles and 32-column slices,
+    so a test row of a few dozen units still runs several slices with a ragged last one."""
     if interpreting() and not compiled:
-        return 16, triton.next_power_of_2(F), 4
+        return 16, 32, 4
     block_n = min(512, triton.next_power_of_2(F))
     return 2048 // block_n, block_n, 8
 
