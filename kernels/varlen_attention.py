@@ -314,31 +314,43 @@ def _bwd_dq_kernel(
 
 # ----------------------------------------------------------------------------- configs
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner on a GPU, per head-dim
-# padding. Kept to configs that compile to tensor-core code without spills on sm_80 and
-# sm_90 (see ``benchmarks/kernel_report.py --kernel varlen``).
-FWD_CONFIGS = [(128, 64, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2)]
-BWD_CONFIGS = [(64, 64, 4, 2), (64, 32, 4, 2)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner on a GPU, by padded head
+# dim (32 and 64 share the first list; 80, 96 and 128 pad to 128). Every entry compiles to
+# tensor-core code (HMMA on sm_80, HGMMA on sm_90) without spills for fp16 and bf16; see
+# ``python benchmarks/kernel_report.py --static --kernel varlen``. The dk/dv kernel's dots
+# have BLOCK_N rows, so it needs BLOCK_N >= 64 for warpgroup MMA; the dq kernel BLOCK_M >= 64.
+FWD_CONFIGS = {64: [(128, 64, 8, 2), (64, 64, 4, 2)],
+               128: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 128, 8, 2)]}
+DKDV_CONFIGS = {64: [(64, 64, 4, 2)], 128: [(64, 64, 8, 2)]}
+DQ_CONFIGS = {64: [(64, 64, 4, 2), (64, 32, 4, 2)], 128: [(64, 64, 8, 2), (128, 32, 8, 2)]}
 # Under the interpreter: one config (autotuning needs a GPU timer), large blocks because
 # the interpreter's cost is per block step.
 INTERPRET_CONFIG = (64, 64, 4, 1)
 
-# Smallest BLOCK_M of any dq config bounds the number of deterministic partial rows.
-_MIN_BWD_BLOCK_M = min(c[0] for c in [*BWD_CONFIGS, INTERPRET_CONFIG])
+# The smallest dq BLOCK_M bounds the number of deterministic partial rows.
+_MIN_DQ_BLOCK_M = min(c[0] for c in [*DQ_CONFIGS[64], *DQ_CONFIGS[128], INTERPRET_CONFIG])
 
 
-def _triton_configs(configs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    if INTERPRET:
-        configs = [INTERPRET_CONFIG]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in configs]
+def _tier(head_dim: int) -> int:
+    return 64 if head_dim <= 64 else 128
+
+
+def _autotuned(fn, table: dict[int, list[tuple[int, int, int, int]]], **kwargs) -> dict:
+    """One autotuner per head-dim tier (the interpreter gets its single config)."""
+    tuned = {}
+    for tier, configs in table.items():
+        if INTERPRET:
+            configs = [INTERPRET_CONFIG]
+        tuned[tier] = triton.autotune(
+            [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+             for bm, bn, w, st in configs], **kwargs)(fn)
+    return tuned
 
 
 _KEY = ["HEAD_DIM", "HAS_BIAS"]
-_fwd = triton.autotune(_triton_configs(FWD_CONFIGS), key=_KEY)(_fwd_kernel)
-_bwd_dkdv = triton.autotune(_triton_configs(BWD_CONFIGS), key=_KEY)(_bwd_dkdv_kernel)
-_bwd_dq = triton.autotune(_triton_configs(BWD_CONFIGS), key=[*_KEY, "DETERMINISTIC"],
-                          reset_to_zero=["DBias"])(_bwd_dq_kernel)
+_fwd = _autotuned(_fwd_kernel, FWD_CONFIGS, key=_KEY)
+_bwd_dkdv = _autotuned(_bwd_dkdv_kernel, DKDV_CONFIGS, key=_KEY)
+_bwd_dq = _autotuned(_bwd_dq_kernel, DQ_CONFIGS, key=[*_KEY, "DETERMINISTIC"], reset_to_zero=["DBias"])
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -370,6 +382,12 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.
         raise ValueError(f"the Triton kernel needs CUDA tensors (or CPU under TRITON_INTERPRET=1), got {device}")
 
 
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocation of every kernel-written output (the tests swap in NaN-filled tensors so
+    that an element the kernel fails to write shows up)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _strides(t: torch.Tensor) -> tuple[int, int]:
     return t.stride(0), t.stride(1)
 
@@ -387,8 +405,8 @@ def _bias_args(bias_table, bias_lut, modality, position, like: torch.Tensor):
 def _launch_fwd(q, k, v, cu_seqlens, max_seqlen, scale, bias_table, bias_lut, modality, position):
     T, H, Dh = q.shape
     B = cu_seqlens.numel() - 1
-    out = torch.empty_like(q)
-    lse = torch.empty((H, T), dtype=torch.float32, device=q.device)
+    out = _empty(q.shape, q.dtype, q.device)
+    lse = _empty((H, T), torch.float32, q.device)
     if T == 0 or max_seqlen == 0:
         return out, lse
     table, lut, mod, pos, P, has_bias = _bias_args(bias_table, bias_lut, modality, position, q)
@@ -396,7 +414,7 @@ def _launch_fwd(q, k, v, cu_seqlens, max_seqlen, scale, bias_table, bias_lut, mo
     def grid(meta):
         return (triton.cdiv(max_seqlen, meta["BLOCK_M"]), B, H)
 
-    _fwd[grid](
+    _fwd[_tier(Dh)][grid](
         q, k, v, out, lse, cu_seqlens, table, lut, mod, pos,
         scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         T, H, P,
@@ -411,24 +429,24 @@ def _launch_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, bias_table
     T, H, Dh = q.shape
     B = cu_seqlens.numel() - 1
     do = do.contiguous()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = (_empty(q.shape, q.dtype, q.device) for _ in range(3))
     # delta_i = rowsum(dO_i * O_i): one elementwise pass, laid out [H, T] like the lse.
     delta = (do.float() * out.float()).sum(-1).transpose(0, 1).contiguous()
     table, lut, mod, pos, P, has_bias = _bias_args(bias_table, bias_lut, modality, position, q)
     NB = table.shape[0] if has_bias else 1
     if has_bias and deterministic:
-        dbias_buf = torch.zeros((T // _MIN_BWD_BLOCK_M + B + 1, NB, H), dtype=torch.float32, device=q.device)
+        dbias_buf = torch.zeros((T // _MIN_DQ_BLOCK_M + B + 1, NB, H), dtype=torch.float32, device=q.device)
     else:
         dbias_buf = torch.zeros((NB, H), dtype=torch.float32, device=q.device)
     if T > 0 and max_seqlen > 0:
         common = dict(HEAD_DIM=Dh, D_PAD=triton.next_power_of_2(Dh), HAS_BIAS=has_bias, UPCAST=INTERPRET,
                       IEEE=q.dtype == torch.float32)
         strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-        _bwd_dkdv[lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]), B, H)](
+        _bwd_dkdv[_tier(Dh)][lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]), B, H)](
             q, k, v, do, dk, dv, lse, delta, cu_seqlens, table, lut, mod, pos,
             scale * LOG2E, scale, *strides, T, H, P, **common,
         )
-        _bwd_dq[lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), B, H)](
+        _bwd_dq[_tier(Dh)][lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), B, H)](
             q, k, v, do, dq, lse, delta, cu_seqlens, table, lut, mod, pos, dbias_buf,
             scale * LOG2E, scale, *strides, T, H, P, NB, DETERMINISTIC=deterministic, **common,
         )
@@ -560,12 +578,12 @@ def aot_configs() -> list[AotConfig]:
                       "UPCAST": False, "IEEE": dtype == "fp32"}
             kernels = (
                 ("varlen_attention_fwd", _fwd_kernel, FWD_CONFIGS, {}, False),
-                ("varlen_attention_bwd_dkdv", _bwd_dkdv_kernel, BWD_CONFIGS, {}, True),
-                ("varlen_attention_bwd_dq", _bwd_dq_kernel, BWD_CONFIGS, {"DETERMINISTIC": False}, True),
+                ("varlen_attention_bwd_dkdv", _bwd_dkdv_kernel, DKDV_CONFIGS, {}, True),
+                ("varlen_attention_bwd_dq", _bwd_dq_kernel, DQ_CONFIGS, {"DETERMINISTIC": False}, True),
             )
             for name, fn, tuned, extra_consts, backward in kernels:
                 flops, nbytes = _reference_cost(head_dim, elem, backward)
-                for bm, bn, warps, stages in tuned:
+                for bm, bn, warps, stages in tuned[_tier(head_dim)]:
                     consts = {**common, **extra_consts, "BLOCK_M": bm, "BLOCK_N": bn}
                     configs.append(AotConfig(
                         kernel=name, fn=fn, signature=_signature(fn, dtype, consts), constexprs=consts,
