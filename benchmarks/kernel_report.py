@@ -33,6 +33,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 TARGETS = (80, 90)
@@ -136,7 +137,7 @@ def compile_config(cfg: Any, capability: int) -> dict[str, Any]:
 
 def _failed(cfg: Any, capability: int, err: Exception) -> dict[str, Any]:
     """A row for a config that did not compile: the error, no made-up numbers."""
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    lines = [line.strip() for line in str(err).splitlines() if line.strip() and line.strip() != "^"]
     reason = f"{type(err).__name__}: {lines[-1] if lines else ''}"
     return {"kernel": cfg.kernel, "target": f"sm_{capability}", "dtype": cfg.dtype, "config": cfg.label,
             "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "registers": None,
@@ -144,33 +145,37 @@ def _failed(cfg: Any, capability: int, err: Exception) -> dict[str, Any]:
             "flops": cfg.flops, "min_bytes": cfg.min_bytes, "error": reason[:300]}
 
 
-def report(kernel_filter: str | None = None, quick: bool = False) -> list[dict[str, Any]]:
+def iter_report(kernel_filter: str | None = None, quick: bool = False) -> Iterator[dict[str, Any]]:
+    """One row per (config, target), as soon as it is compiled."""
     configs = discover(kernel_filter)
     if quick:
         configs = quick_subset(configs)
-    rows = []
     for cfg in configs:
         for cap in TARGETS:
             try:
-                rows.append(compile_config(cfg, cap))
+                yield compile_config(cfg, cap)
             except Exception as err:  # one broken kernel must not hide the others
-                rows.append(_failed(cfg, cap, err))
-    return rows
+                yield _failed(cfg, cap, err)
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    header = ("kernel", "target", "dtype", "config", "regs", "spill", "smem", "mma", "GFLOP", "min MB")
-    lines = [tuple(header)]
-    for r in rows:
-        if r.get("error"):
-            lines.append((r["kernel"], r["target"], r["dtype"], r["config"], "-", "-", "-",
-                          "ERROR " + r["error"], "", ""))
-            continue
-        lines.append((r["kernel"], r["target"], r["dtype"], r["config"], str(r["registers"]),
-                      str(r["spill_bytes"]), str(r["shared_bytes"]), r["mma"],
-                      f"{r['flops'] / 1e9:.1f}", f"{r['min_bytes'] / 1e6:.1f}"))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+def report(kernel_filter: str | None = None, quick: bool = False) -> list[dict[str, Any]]:
+    return list(iter_report(kernel_filter, quick))
+
+
+_COLUMNS = (("kernel", 26), ("target", 6), ("dtype", 5), ("config", 30), ("regs", 4), ("spill", 5),
+            ("smem", 6), ("mma", 5), ("GFLOP", 6), ("min MB", 6))
+
+
+def format_row(r: dict[str, Any] | None) -> str:
+    """A fixed-width table line (the header for ``None``), so rows can stream out."""
+    if r is None:
+        cells = [name for name, _ in _COLUMNS]
+    elif r.get("error"):
+        cells = [r["kernel"], r["target"], r["dtype"], r["config"], "-", "-", "-", "ERROR " + r["error"]]
+    else:
+        cells = [r["kernel"], r["target"], r["dtype"], r["config"], str(r["registers"]), str(r["spill_bytes"]),
+                 str(r["shared_bytes"]), r["mma"], f"{r['flops'] / 1e9:.1f}", f"{r['min_bytes'] / 1e6:.1f}"]
+    return "  ".join(cell.ljust(width) for cell, (_, width) in zip(cells, _COLUMNS)).rstrip()
 
 
 def main(argv: list[str]) -> int:
@@ -188,11 +193,15 @@ def main(argv: list[str]) -> int:
         return subprocess.run([sys.executable, os.path.abspath(__file__), *argv], env=env).returncode
 
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's current default, stated
-    rows = report(args.kernel, args.quick)
     if args.json:
+        rows = report(args.kernel, args.quick)
         print(json.dumps(rows, indent=1))
     else:
-        print(format_table(rows))
+        print(format_row(None), flush=True)
+        rows = []
+        for row in iter_report(args.kernel, args.quick):
+            rows.append(row)
+            print(format_row(row), flush=True)
     return 1 if any(r.get("error") for r in rows) else 0
 
 

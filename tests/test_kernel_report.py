@@ -1,0 +1,45 @@
+"""The static kernel report compiles real kernels for sm_80 and sm_90 without a GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_report.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, str(REPORT), *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_quick_json_report_has_real_values():
+    done = _run("--json", "--quick", "--kernel", "varlen_attention")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(done.stdout)
+    kernels = {r["kernel"] for r in rows}
+    assert kernels == {"varlen_attention_fwd", "varlen_attention_bwd_dkdv", "varlen_attention_bwd_dq"}
+    assert {r["target"] for r in rows} == {"sm_80", "sm_90"}
+    for r in rows:
+        assert {"kernel", "target", "config", "registers", "spill_bytes", "shared_bytes", "tensor_core"} <= set(r)
+        assert 0 < r["registers"] <= 255
+        assert r["shared_bytes"] > 0
+        assert r["spill_bytes"] == 0, r
+        assert r["tensor_core"], r  # fp16: HMMA on sm_80, HGMMA on sm_90
+        assert r["mma"] == {"sm_80": "HMMA", "sm_90": "HGMMA"}[r["target"]]
+        assert r["flops"] > 0 and r["min_bytes"] > 0
+
+
+def test_static_table_and_interpreter_rerun():
+    """Under TRITON_INTERPRET=1 the report re-runs itself without the interpreter."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, str(REPORT), "--static", "--quick", "--kernel", "varlen_attention_fwd"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].split()[:4] == ["kernel", "target", "dtype", "config"]
+    assert len(lines) == 3 and all(line.startswith("varlen_attention_fwd") for line in lines[1:])
