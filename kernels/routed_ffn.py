@@ -18,6 +18,9 @@ that live in grouped order. Each GEMM is ONE launch for all modalities: the grid
 ``(row tiles, N tiles)`` with an upper bound of ``cdiv(T, BLOCK_M) + M - 1`` row tiles, and
 each program finds its modality and rows from the device-side offsets
 (:func:`~omni_core.kernels.layer_norm.group_tile`); no host synchronisation, no host schedule.
+``routed_ffn_triton`` builds the plan of ``omni_core.ops.routing`` (stable sort, counts) on the
+device itself, since kernels do not import ops; ``routed_ffn_grouped`` takes a plan the caller
+already holds.
 
 Forward launches
 
@@ -30,17 +33,17 @@ What the backward keeps, and why. Saved: the GEMM-1 outputs ``U`` and ``G`` (pre
 ``[T, F]`` each in the input dtype) and the LN statistics ``mean``/``rstd`` (fp32, 8 bytes a
 token). Recomputed: ``H = act(U, G)`` and ``HN = LN(H)``, elementwise, inside the fused
 backward kernel that also runs the LN and GeGLU backward. Re-deriving U and G would cost a
-second GEMM-1 (``4 T D F`` FLOPs, half the forward) to save ``2 T F`` elements; re-deriving H
+second GEMM-1 (``4 T D F`` FLOPs, two thirds of the forward) to save ``2 T F`` elements; re-deriving H
 and HN costs a few FLOPs per element on data the backward kernel loads anyway, and saves two
 more ``[T, F]`` tensors (at ONE-PEACE 4B, 40 layers, each ``[T, 6144]`` is 4x the layer's
 ``[T, 1536]`` input).
 
 Backward launches (``dy`` in packed order, gathered/scattered through perm like the forward)
 
-1. ``dHN = dy[perm] @ w_out[m]^T`` (grouped GEMM, transposed weight by strides).
+1. ``dHN = dy[perm] @ w_out[m]^T`` (grouped GEMM reading the weight transposed, no copy).
 2. ``_ffn_hidden_bwd_kernel``: recompute H and HN (store HN for step 3), LN backward to dH
-   with per-program partial sums for ``dln_weight``/``dln_bias``, then GeGLU/GELU backward to
-   ``dU``/``dG``.
+   in two sweeps over F (a 6144-wide row does not fit in registers) with per-program partial
+   sums for ``dln_weight``/``dln_bias``, then GeGLU/GELU backward to ``dU``/``dG``.
 3. ``dw_out[m] = HN_m^T @ dy[perm]_m`` and ``db_out[m]`` (column sums), grouped weight-gradient
    GEMM: grid over (modality x F tile, D tile), each program reduces over its modality's rows;
    a modality with no tokens writes zeros.
@@ -50,8 +53,9 @@ Backward launches (``dy`` in packed order, gathered/scattered through perm like 
 Precision: every GEMM accumulates in fp32; U, G, H, HN, dU, dG are rounded to the input
 dtype between steps, as the same-precision torch implementation rounds them. fp32 GEMMs use
 ``input_precision="ieee"`` (no TF32) so fp32 matches a fp32 reference. Under the interpreter
-half-precision tiles are upcast to fp32 before ``tl.dot`` (its bf16 dot is wrong); the flag is
-a constexpr that compiled code never sees.
+half-precision tiles are upcast to fp32 before ``tl.dot`` (its bf16 dot is wrong) and bf16
+stores round to nearest even explicitly (its cast truncates); both are constexpr branches that
+compiled code never sees.
 """
 
 from __future__ import annotations
@@ -353,9 +357,9 @@ def _ffn_hidden_bwd_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). All keep fp16/bf16 free of spills and on
-# HMMA (sm_80) / HGMMA (sm_90), and fit fp32 in sm_80's 163 KiB of shared memory; checked by
-# aot_configs() + benchmarks/kernel_report.py.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for fp16/bf16. All keep the code free of
+# spills and on HMMA (sm_80) / HGMMA (sm_90); checked by aot_configs() and
+# benchmarks/kernel_report.py.
 GEMM_CONFIGS = [
     (128, 128, 32, 8, 3),
     (64, 128, 32, 4, 4),
@@ -368,17 +372,30 @@ GEMM1_CONFIGS = [
     (64, 128, 32, 4, 3),
     (64, 64, 64, 4, 3),
 ]
+# fp32 runs the IEEE FMA dot (no TF32, to meet fp32 accuracy): its operands live in registers,
+# so the K slice is short to stay spill-free on sm_80. Every GEMM kernel uses these for fp32.
+FP32_CONFIGS = [
+    (64, 64, 16, 4, 3),
+    (64, 128, 16, 8, 2),
+]
 # Under the interpreter each program costs per op, not per element, so tiles are big; they stay
 # smaller than the test shapes so the K loop, several row tiles and ragged edges all run.
 _INTERPRET_BLOCKS = (32, 64, 32)
 
 
-def _tuned(kernel: triton.JITFunction, configs: list[tuple[int, int, int, int, int]], key: list[str]):
-    return triton.autotune(
-        configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                 for bm, bn, bk, w, s in configs],
-        key=key,
-    )(kernel)
+def _tuned(kernel: triton.JITFunction, half_configs: list[tuple[int, int, int, int, int]], key: list[str]):
+    """Autotune over ``half_configs`` for fp16/bf16 and FP32_CONFIGS for fp32 operands."""
+    def config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+    half = [config(*c) for c in half_configs]
+    full = [config(*c) for c in FP32_CONFIGS]
+
+    def by_dtype(configs: list[triton.Config], named_args: dict, **_kwargs) -> list[triton.Config]:
+        wanted = full if named_args[kernel.arg_names[0]].dtype == torch.float32 else half
+        return [c for c in configs if any(c is w for w in wanted)]
+
+    return triton.autotune(configs=half + full, key=key, prune_configs_by={"early_config_prune": by_dtype})(kernel)
 
 
 _ffn_in_tuned = _tuned(_ffn_in_kernel, GEMM1_CONFIGS, ["D", "F", "GATED"])
@@ -670,7 +687,7 @@ def aot_configs() -> list[AotConfig]:
              gemm_flops, elem * (T * D + T * F + D * F)),
         ]
         for label, fn, tunables, ptrs, ints, flags, flops, nbytes in variants:
-            for bm, bn, bk, warps, stages in tunables:
+            for bm, bn, bk, warps, stages in (FP32_CONFIGS if dtype == "fp32" else tunables):
                 constexprs = {**flags, "INTERPRET": False, "PREC": prec,
                               "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
                 signature = {**dict.fromkeys(ptrs, ptr), "Perm": "*i32", "Offsets": "*i32",
