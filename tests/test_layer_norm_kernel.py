@@ -103,3 +103,14 @@ def test_wrong_weight_shape_fails_before_launch(monkeypatch):
     monkeypatch.setattr(ln_kernels, "layer_norm_fwd_grouped", no_launch)
     with pytest.raises(ValueError, match=r"weight must be \[40\]"):
         layer_norm(torch.randn(9, 40), torch.randn(41))
+
+
+def test_weight_on_another_device_fails_before_launch(monkeypatch):
+    monkeypatch.setenv("OMNI_BACKEND", "triton")
+
+    def no_launch(*_args):
+        raise AssertionError("a kernel launched for invalid input")
+
+    monkeypatch.setattr(ln_kernels, "layer_norm_fwd_grouped", no_launch)
+    with pytest.raises(ValueError, match=r"weight is on meta but x is on cpu"):
+        layer_norm(torch.randn(9, 40), torch.empty(40, device="meta"))
