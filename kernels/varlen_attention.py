@@ -314,29 +314,45 @@ def _bwd_dq_kernel(
 
 # ----------------------------------------------------------------------------- configs
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner on a GPU, by padded head
-# dim (32 and 64 share the first list; 80, 96 and 128 pad to 128). Every entry compiles to
-# tensor-core code (HMMA on sm_80, HGMMA on sm_90) without spills for fp16 and bf16; see
-# ``python benchmarks/kernel_report.py --static --kernel varlen``. The dk/dv kernel's dots
-# have BLOCK_N rows, so it needs BLOCK_N >= 64 for warpgroup MMA; the dq kernel BLOCK_M >= 64.
-FWD_CONFIGS = {64: [(128, 64, 8, 2), (64, 64, 4, 2)],
-               128: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 128, 8, 2)]}
-DKDV_CONFIGS = {64: [(64, 64, 4, 2)], 128: [(64, 64, 8, 2)]}
-DQ_CONFIGS = {64: [(64, 64, 4, 2), (64, 32, 4, 2)], 128: [(64, 64, 8, 2), (128, 32, 8, 2)]}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner on a GPU, by operand kind
+# and padded head dim (32 and 64 share the first list; 80, 96 and 128 pad to 128). Every
+# fp16/bf16 entry compiles to tensor-core code (HMMA on sm_80, HGMMA on sm_90) without
+# spills; see ``python benchmarks/kernel_report.py --static --kernel varlen``. The dk/dv
+# kernel's dots have BLOCK_N rows, so it needs BLOCK_N >= 64 for warpgroup MMA, the dq
+# kernel BLOCK_M >= 64. fp32 runs IEEE dots on the CUDA cores (TF32 would miss fp32
+# accuracy); its operands stay in registers, so only small tiles avoid spills.
+FWD_CONFIGS = {
+    ("half", 64): [(128, 64, 8, 2), (64, 64, 4, 2)],
+    ("half", 128): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 128, 8, 2)],
+    ("fp32", 64): [(32, 32, 4, 1), (16, 32, 4, 1)],
+    ("fp32", 128): [(16, 32, 4, 1)],
+}
+DKDV_CONFIGS = {
+    ("half", 64): [(64, 64, 4, 2)],
+    ("half", 128): [(64, 64, 8, 2)],
+    ("fp32", 64): [(16, 32, 4, 1)],
+    ("fp32", 128): [(16, 32, 4, 1)],
+}
+DQ_CONFIGS = {
+    ("half", 64): [(64, 64, 4, 2), (64, 32, 4, 2)],
+    ("half", 128): [(64, 64, 8, 2), (128, 32, 8, 2)],
+    ("fp32", 64): [(32, 32, 4, 1), (16, 32, 4, 1)],
+    ("fp32", 128): [(32, 32, 4, 1), (16, 32, 4, 1)],
+}
 # Under the interpreter: one config (autotuning needs a GPU timer), large blocks because
 # the interpreter's cost is per block step.
 INTERPRET_CONFIG = (64, 64, 4, 1)
 
 # The smallest dq BLOCK_M bounds the number of deterministic partial rows.
-_MIN_DQ_BLOCK_M = min(c[0] for c in [*DQ_CONFIGS[64], *DQ_CONFIGS[128], INTERPRET_CONFIG])
+_MIN_DQ_BLOCK_M = min(c[0] for c in [*(c for cs in DQ_CONFIGS.values() for c in cs), INTERPRET_CONFIG])
 
 
-def _tier(head_dim: int) -> int:
-    return 64 if head_dim <= 64 else 128
+def _tier(head_dim: int, dtype: str) -> tuple[str, int]:
+    return ("fp32" if dtype == "fp32" else "half", 64 if head_dim <= 64 else 128)
 
 
-def _autotuned(fn, table: dict[int, list[tuple[int, int, int, int]]], **kwargs) -> dict:
-    """One autotuner per head-dim tier (the interpreter gets its single config)."""
+def _autotuned(fn, table: dict[tuple[str, int], list[tuple[int, int, int, int]]], **kwargs) -> dict:
+    """One autotuner per (operand kind, head-dim tier); the interpreter gets its single config."""
     tuned = {}
     for tier, configs in table.items():
         if INTERPRET:
@@ -374,6 +390,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.
     given = [t for t in bias if t is not None]
     if given and len(given) != 4:
         raise ValueError("the bias needs bias_table, bias_lut, modality and position together")
+    if given and (given[1].numel() >= 2**31 or given[0].numel() >= 2**31):
+        raise ValueError("bias_lut and bias_table must each hold fewer than 2**31 entries (int32 offsets)")
     devices = {t.device for t in (q, k, v, cu_seqlens, *given)}
     if len(devices) > 1:
         raise ValueError(f"tensors are on different devices: {sorted(map(str, devices))}")
@@ -414,7 +432,7 @@ def _launch_fwd(q, k, v, cu_seqlens, max_seqlen, scale, bias_table, bias_lut, mo
     def grid(meta):
         return (triton.cdiv(max_seqlen, meta["BLOCK_M"]), B, H)
 
-    _fwd[_tier(Dh)][grid](
+    _fwd[_tier(Dh, DTYPES[q.dtype])][grid](
         q, k, v, out, lse, cu_seqlens, table, lut, mod, pos,
         scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         T, H, P,
@@ -442,11 +460,11 @@ def _launch_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, bias_table
         common = dict(HEAD_DIM=Dh, D_PAD=triton.next_power_of_2(Dh), HAS_BIAS=has_bias, UPCAST=INTERPRET,
                       IEEE=q.dtype == torch.float32)
         strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-        _bwd_dkdv[_tier(Dh)][lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]), B, H)](
+        _bwd_dkdv[_tier(Dh, DTYPES[q.dtype])][lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]), B, H)](
             q, k, v, do, dk, dv, lse, delta, cu_seqlens, table, lut, mod, pos,
             scale * LOG2E, scale, *strides, T, H, P, **common,
         )
-        _bwd_dq[_tier(Dh)][lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), B, H)](
+        _bwd_dq[_tier(Dh, DTYPES[q.dtype])][lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), B, H)](
             q, k, v, do, dq, lse, delta, cu_seqlens, table, lut, mod, pos, dbias_buf,
             scale * LOG2E, scale, *strides, T, H, P, NB, DETERMINISTIC=deterministic, **common,
         )
@@ -583,7 +601,7 @@ def aot_configs() -> list[AotConfig]:
             )
             for name, fn, tuned, extra_consts, backward in kernels:
                 flops, nbytes = _reference_cost(head_dim, elem, backward)
-                for bm, bn, warps, stages in tuned[_tier(head_dim)]:
+                for bm, bn, warps, stages in tuned[_tier(head_dim, dtype)]:
                     consts = {**common, **extra_consts, "BLOCK_M": bm, "BLOCK_N": bn}
                     configs.append(AotConfig(
                         kernel=name, fn=fn, signature=_signature(fn, dtype, consts), constexprs=consts,
