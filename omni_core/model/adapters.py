@@ -89,7 +89,8 @@ class AudioAdapter(nn.Module):
 
     ``front_end="conv"`` is ONE-PEACE's wav2vec2-style extractor on the raw waveform
     (kernels 10,3,3,3,3,2,2; strides 5,2,2,2,2,2,2: stride 320). ``front_end="mel"`` is a
-    64-bin log-mel spectrogram (25 ms window, 10 ms hop) followed by one stride-2 conv.
+    64-bin log-mel spectrogram (25 ms window, 10 ms hop) followed by ``mel_downsample``
+    stride-2 convs (1: 50 frames/s as ONE-PEACE; 3: 12.5 frames/s, 4x fewer audio tokens).
     Per-frame LayerNorms (no norm across time) and zeroed padding frames make a padded
     batch give exactly the per-clip result, so clips of any length batch together.
     """
@@ -98,7 +99,7 @@ class AudioAdapter(nn.Module):
     SAMPLE_RATE, N_MELS, WIN, HOP = 16000, 64, 400, 160
 
     def __init__(self, dim: int, channels: int, front_end: str = "conv", pos_kernel: int = 31,
-                 pos_groups: int = 8) -> None:
+                 pos_groups: int = 8, mel_downsample: int = 1) -> None:
         super().__init__()
         if front_end not in ("conv", "mel"):
             raise ValueError(f"front_end must be 'conv' or 'mel', got {front_end!r}")
@@ -113,8 +114,9 @@ class AudioAdapter(nn.Module):
             self.register_buffer("mel_fb", mel_filterbank(self.N_MELS, self.WIN, self.SAMPLE_RATE),
                                  persistent=False)
             self.register_buffer("window", torch.hann_window(self.WIN, periodic=True), persistent=False)
-            self.convs = nn.ModuleList([nn.Conv1d(self.N_MELS, channels, 3, stride=2)])
-            self.norms = nn.ModuleList([nn.LayerNorm(channels)])
+            in_ch = [self.N_MELS] + [channels] * (mel_downsample - 1)
+            self.convs = nn.ModuleList(nn.Conv1d(i, channels, 3, stride=2) for i in in_ch)
+            self.norms = nn.ModuleList(nn.LayerNorm(channels) for _ in in_ch)
         self.proj_norm = nn.LayerNorm(channels)
         self.proj = nn.Linear(channels, dim)
         self.pos_conv = nn.Conv1d(dim, dim, pos_kernel, padding=pos_kernel // 2, groups=pos_groups)
@@ -128,7 +130,8 @@ class AudioAdapter(nn.Module):
                 n = (n - k) // s + 1
         else:
             n = (n - self.WIN) // self.HOP + 1
-            n = (n - 3) // 2 + 1
+            for _ in self.convs:
+                n = (n - 3) // 2 + 1
         return max(n, 0)
 
     def features(self, padded: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ class OmniConfig:
     stem_channels: int = 64
     audio_front_end: str = "conv"
     audio_channels: int = 128
+    audio_mel_downsample: int = 1  # stride-2 convs after the log-mel (mel front end only)
     audio_max_frames: int = 750  # 15 s at 50 frames/s
     audio_bucket: int = 32
     audio_pos_kernel: int = 31
@@ -51,7 +52,7 @@ class OmniConfig:
 PRESETS: dict[str, OmniConfig] = {
     "tiny": OmniConfig(dim=192, depth=4, heads=3, ffn_hidden=384, embed_dim=128, vocab_size=1000,
                        image_size=64, stem_channels=48, audio_front_end="mel", audio_channels=128,
-                       layer_scale_init=0.1, init_std=0.02),
+                       audio_mel_downsample=3, audio_pos_kernel=15, layer_scale_init=0.1),
     "small": OmniConfig(dim=384, depth=8, heads=6, ffn_hidden=1024, embed_dim=256, vocab_size=8000,
                         image_size=128, stem_channels=96, audio_channels=256, layer_scale_init=0.1),
     "base": OmniConfig(dim=768, depth=12, heads=12, ffn_hidden=2048, embed_dim=512, vocab_size=50000,
@@ -121,7 +122,7 @@ class OmniModel(nn.Module):
         self.text = TextAdapter(cfg.vocab_size, cfg.dim, cfg.text_max_len)
         self.image = ImageAdapter(cfg.image_size, cfg.dim, cfg.stem_channels)
         self.audio = AudioAdapter(cfg.dim, cfg.audio_channels, cfg.audio_front_end, cfg.audio_pos_kernel,
-                                  cfg.audio_pos_groups)
+                                  cfg.audio_pos_groups, cfg.audio_mel_downsample)
         grid = cfg.image_size // 16
         bias_lut, offsets = stack_luts([
             bucket_lut_1d(cfg.text_max_len + 1, cfg.text_bucket),

@@ -114,31 +114,39 @@ def varlen_attention_reference(
     modality: torch.Tensor | None = None,
     position: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain torch, any dtype (float64 is the ground truth). Sequences of equal length
-    are batched together so a pack of many short sequences costs few matmuls."""
+    """Plain torch, any dtype (float64 is the ground truth).
+
+    Sequences of equal length are batched together so a pack of many short sequences
+    costs few matmuls. Tokens are gathered once into length order and the groups are
+    split off (not sliced or indexed per group), so the backward pass concatenates the
+    groups' gradients instead of scattering each group into a zero-filled [T, H, Dh].
+    """
     T, H, Dh = q.shape
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(Dh)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    starts = cu_seqlens[:-1].long()
-    outs, indices = [], []
-    for L in torch.unique(lengths).tolist():
-        if L == 0:
-            continue
-        idx = starts[lengths == L][:, None] + torch.arange(L, device=q.device)  # [n, L]
-        qg, kg, vg = (t[idx].transpose(1, 2) for t in (q, k, v))  # [n, H, L, Dh]
+    seq_order = torch.sort(lengths, stable=True).indices
+    sorted_lengths = lengths[seq_order]
+    first = torch.cumsum(sorted_lengths, 0) - sorted_lengths  # start of each sequence after sorting
+    perm = (torch.repeat_interleave(cu_seqlens[:-1].long()[seq_order], sorted_lengths)
+            + torch.arange(T, device=q.device) - torch.repeat_interleave(first, sorted_lengths))
+    group_lengths, group_counts = torch.unique_consecutive(sorted_lengths, return_counts=True)
+    groups = [(L, n) for L, n in zip(group_lengths.tolist(), group_counts.tolist()) if L > 0]
+    if not groups:
+        return q.new_zeros(q.shape)
+    sizes = [L * n for L, n in groups]
+    outs = []
+    for (L, n), qg, kg, vg, idx in zip(groups, *(torch.split(t[perm], sizes) for t in (q, k, v)),
+                                        torch.split(perm, sizes)):
+        qg, kg, vg = (t.view(n, L, H, Dh).transpose(1, 2) for t in (qg, kg, vg))  # [n, H, L, Dh]
         logits = torch.matmul(qg, kg.transpose(-1, -2)) * scale
         if bias_table is not None:
-            bias = _gathered_bias(idx, bias_table, bias_lut, modality, position)
+            bias = _gathered_bias(idx.view(n, L), bias_table, bias_lut, modality, position)
             logits = logits + bias.to(logits.dtype)
         probs = torch.softmax(logits, dim=-1)
-        outs.append(torch.matmul(probs, vg).transpose(1, 2).reshape(-1, H, Dh))
-        indices.append(idx.reshape(-1))
-    if not outs:
-        return q.new_zeros(q.shape)
-    out = torch.cat(outs)
-    order = torch.empty(T, dtype=torch.long, device=q.device)
-    order[torch.cat(indices)] = torch.arange(T, device=q.device)
-    return out[order]
+        outs.append(torch.matmul(probs, vg).transpose(1, 2).reshape(n * L, H, Dh))
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(T, device=q.device)
+    return torch.cat(outs)[inverse]
 
 
 def _gathered_bias(

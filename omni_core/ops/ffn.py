@@ -89,21 +89,21 @@ def routed_ffn_reference(
 ) -> torch.Tensor:
     """Plain torch, any dtype: one GEMM chain per modality over its slice of the plan."""
     plan = routing_plan(modality, w_in.shape[0])
-    grouped = x[plan.perm]
+    # split/unbind (not slicing/indexing) so backward concatenates instead of zero-filling.
+    groups = torch.split(x[plan.perm], list(plan.counts))
+    per_modality = [t.unbind(0) if t is not None else [None] * len(groups)
+                    for t in (w_in, w_out, b_in, b_out, w_gate, ln_weight, ln_bias)]
     outs = []
-    for m in range(plan.num_modalities):
-        start, end = plan.bounds(m)
-        xm = grouped[start:end]
-        u = xm @ w_in[m]
-        if b_in is not None:
-            u = u + b_in[m]
-        h = F.gelu(xm @ w_gate[m]) * u if w_gate is not None else F.gelu(u)
-        if ln_weight is not None:
-            h = F.layer_norm(h, (h.shape[-1],), ln_weight[m],
-                             ln_bias[m] if ln_bias is not None else None, eps)
-        y = h @ w_out[m]
-        if b_out is not None:
-            y = y + b_out[m]
+    for xm, wi, wo, bi, bo, wg, lw, lb in zip(groups, *per_modality):
+        u = xm @ wi
+        if bi is not None:
+            u = u + bi
+        h = F.gelu(xm @ wg) * u if wg is not None else F.gelu(u)
+        if lw is not None:
+            h = F.layer_norm(h, (h.shape[-1],), lw, lb, eps)
+        y = h @ wo
+        if bo is not None:
+            y = y + bo
         outs.append(y)
     return torch.cat(outs)[plan.inverse]
 
