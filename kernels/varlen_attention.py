@@ -339,12 +339,19 @@ DQ_CONFIGS = {
     ("fp32", 64): [(32, 32, 4, 1), (16, 32, 4, 1)],
     ("fp32", 128): [(32, 32, 4, 1), (16, 32, 4, 1)],
 }
+# The deterministic bias gradient's entry loop costs registers: its own spill-free list.
+DQ_DETERMINISTIC_CONFIGS = {
+    ("half", 64): [(64, 32, 4, 2)],
+    ("half", 128): [(64, 64, 8, 2)],
+    ("fp32", 64): [(16, 32, 4, 1)],
+    ("fp32", 128): [(16, 32, 4, 1)],
+}
 # Under the interpreter: one config (autotuning needs a GPU timer), large blocks because
 # the interpreter's cost is per block step.
 INTERPRET_CONFIG = (64, 64, 4, 1)
 
-# The smallest dq BLOCK_M bounds the number of deterministic partial rows.
-_MIN_DQ_BLOCK_M = min(c[0] for c in [*(c for cs in DQ_CONFIGS.values() for c in cs), INTERPRET_CONFIG])
+# The smallest deterministic dq BLOCK_M bounds the number of partial rows.
+_MIN_DQ_BLOCK_M = min(c[0] for cs in [*DQ_DETERMINISTIC_CONFIGS.values(), [INTERPRET_CONFIG]] for c in cs)
 
 
 def _tier(head_dim: int, dtype: str) -> tuple[str, int]:
@@ -366,7 +373,10 @@ def _autotuned(fn, table: dict[tuple[str, int], list[tuple[int, int, int, int]]]
 _KEY = ["HEAD_DIM", "HAS_BIAS"]
 _fwd = _autotuned(_fwd_kernel, FWD_CONFIGS, key=_KEY)
 _bwd_dkdv = _autotuned(_bwd_dkdv_kernel, DKDV_CONFIGS, key=_KEY)
-_bwd_dq = _autotuned(_bwd_dq_kernel, DQ_CONFIGS, key=[*_KEY, "DETERMINISTIC"], reset_to_zero=["DBias"])
+_bwd_dq = {
+    False: _autotuned(_bwd_dq_kernel, DQ_CONFIGS, key=_KEY, reset_to_zero=["DBias"]),
+    True: _autotuned(_bwd_dq_kernel, DQ_DETERMINISTIC_CONFIGS, key=_KEY, reset_to_zero=["DBias"]),
+}
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -460,13 +470,14 @@ def _launch_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, bias_table
         common = dict(HEAD_DIM=Dh, D_PAD=triton.next_power_of_2(Dh), HAS_BIAS=has_bias, UPCAST=INTERPRET,
                       IEEE=q.dtype == torch.float32)
         strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-        _bwd_dkdv[_tier(Dh, DTYPES[q.dtype])][lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]), B, H)](
+        tier = _tier(Dh, DTYPES[q.dtype])
+        _bwd_dkdv[tier][lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]), B, H)](
             q, k, v, do, dk, dv, lse, delta, cu_seqlens, table, lut, mod, pos,
             scale * LOG2E, scale, *strides, T, H, P, **common,
         )
-        _bwd_dq[_tier(Dh, DTYPES[q.dtype])][lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), B, H)](
+        _bwd_dq[has_bias and deterministic][tier][lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), B, H)](
             q, k, v, do, dq, lse, delta, cu_seqlens, table, lut, mod, pos, dbias_buf,
-            scale * LOG2E, scale, *strides, T, H, P, NB, DETERMINISTIC=deterministic, **common,
+            scale * LOG2E, scale, *strides, T, H, P, NB, DETERMINISTIC=has_bias and deterministic, **common,
         )
     if not has_bias:
         return dq, dk, dv, q.new_empty(0)
@@ -585,9 +596,9 @@ def _reference_cost(head_dim: int, elem: int, backward: bool) -> tuple[int, int]
 
 
 def aot_configs() -> list[AotConfig]:
-    """Every autotune config x {fp16, bf16, fp32} x head dim, forward and both backward
-    kernels, with the bias on (its gather costs registers) and, for the dq kernel, the
-    default fast bias gradient."""
+    """Every autotune config x {fp16, bf16, fp32} x head dim: forward, dk/dv, and dq with
+    each bias-gradient mode (``_det`` = deterministic), all with the bias on (its gather
+    costs registers)."""
     configs: list[AotConfig] = []
     for dtype in ("fp16", "bf16", "fp32"):
         elem = 4 if dtype == "fp32" else 2
@@ -598,6 +609,8 @@ def aot_configs() -> list[AotConfig]:
                 ("varlen_attention_fwd", _fwd_kernel, FWD_CONFIGS, {}, False),
                 ("varlen_attention_bwd_dkdv", _bwd_dkdv_kernel, DKDV_CONFIGS, {}, True),
                 ("varlen_attention_bwd_dq", _bwd_dq_kernel, DQ_CONFIGS, {"DETERMINISTIC": False}, True),
+                ("varlen_attention_bwd_dq_det", _bwd_dq_kernel, DQ_DETERMINISTIC_CONFIGS,
+                 {"DETERMINISTIC": True}, True),
             )
             for name, fn, tuned, extra_consts, backward in kernels:
                 flops, nbytes = _reference_cost(head_dim, elem, backward)
