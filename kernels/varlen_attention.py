@@ -24,15 +24,17 @@ How it works
 * **Bias gradient, two modes.** ``fast`` (the default) adds each tile's ``dS`` into
   ``d bias_table`` with fp32 atomics: one pass, no scratch memory, but the summation order
   (and so the last bits of ``d bias_table``) changes from run to run. ``deterministic``
-  reduces each tile over its distinct LUT entries in a fixed order into a per-query-block
-  partial row (scratch ``[T / BLOCK_M + B, NB, H]`` fp32), then sums the partial rows;
-  bit-identical across runs, slower when a tile covers many distinct entries. The default
-  is ``fast`` because the bias table is tiny next to ``dq, dk, dv`` (which are deterministic
-  in both modes) and the order noise is far below the fp16/bf16 rounding of the rest of the
-  step; ``torch.use_deterministic_algorithms(True)`` selects ``deterministic``.
+  reduces each tile over its distinct LUT entries, in increasing order, into a private
+  partial row per query block (scratch ``[T // BLOCK_M + B + 1, NB, H]`` fp32), then sums
+  the rows: bit-identical across runs, but a tile costs one pass per distinct entry it
+  covers (a 1-D relative bias: up to BLOCK_M + BLOCK_N - 1; a 2-D image bias: hundreds).
+  The default is ``fast`` because it costs nothing beyond the atomics, ``dq, dk, dv`` are
+  deterministic in both modes, and the order noise in the small bias table is far below
+  the fp16/bf16 rounding of the rest of the step. ``torch.use_deterministic_algorithms(True)``
+  or ``OMNI_ATTN_BIAS_GRAD=deterministic`` selects ``deterministic``.
 * **Head dims** 32, 64, 80, 96, 128: 80 and 96 are padded to 128 with masks.
-* **Precision.** fp16/bf16 operands feed the tensor cores with fp32 accumulation;
-  fp32 uses IEEE fp32 dots (no TF32) so it meets fp32 accuracy.
+* **Precision.** fp16/bf16 operands feed the tensor cores with fp32 accumulation; fp32
+  uses IEEE fp32 dots on the CUDA cores (TF32 would miss fp32 accuracy), with small tiles.
 
 The launcher checks only what it can without a host sync (ranks, dtypes, devices, head
 dim); the value checks (``cu_seqlens`` ends, LUT ranges) are done by the callers
@@ -350,8 +352,6 @@ DQ_DETERMINISTIC_CONFIGS = {
 # the interpreter's cost is per block step.
 INTERPRET_CONFIG = (64, 64, 4, 1)
 
-# The smallest deterministic dq BLOCK_M bounds the number of partial rows.
-_MIN_DQ_BLOCK_M = min(c[0] for cs in [*DQ_DETERMINISTIC_CONFIGS.values(), [INTERPRET_CONFIG]] for c in cs)
 
 
 def _tier(head_dim: int, dtype: str) -> tuple[str, int]:
@@ -462,15 +462,18 @@ def _launch_bwd(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, bias_table
     delta = (do.float() * out.float()).sum(-1).transpose(0, 1).contiguous()
     table, lut, mod, pos, P, has_bias = _bias_args(bias_table, bias_lut, modality, position, q)
     NB = table.shape[0] if has_bias else 1
+    tier = _tier(Dh, DTYPES[q.dtype])
     if has_bias and deterministic:
-        dbias_buf = torch.zeros((T // _MIN_DQ_BLOCK_M + B + 1, NB, H), dtype=torch.float32, device=q.device)
+        # Row start // BLOCK_M + b + qb of each query block is below T // BLOCK_M + B + 1.
+        configs = [INTERPRET_CONFIG] if INTERPRET else DQ_DETERMINISTIC_CONFIGS[tier]
+        rows = T // min(c[0] for c in configs) + B + 1
+        dbias_buf = torch.zeros((rows, NB, H), dtype=torch.float32, device=q.device)
     else:
         dbias_buf = torch.zeros((NB, H), dtype=torch.float32, device=q.device)
     if T > 0 and max_seqlen > 0:
         common = dict(HEAD_DIM=Dh, D_PAD=triton.next_power_of_2(Dh), HAS_BIAS=has_bias, UPCAST=INTERPRET,
                       IEEE=q.dtype == torch.float32)
         strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-        tier = _tier(Dh, DTYPES[q.dtype])
         _bwd_dkdv[tier][lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]), B, H)](
             q, k, v, do, dk, dv, lse, delta, cu_seqlens, table, lut, mod, pos,
             scale * LOG2E, scale, *strides, T, H, P, **common,
