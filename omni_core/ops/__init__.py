@@ -58,10 +58,24 @@ def _native_loader(attr: str) -> Callable[[], Callable]:
     return load
 
 
+def _routed_ffn_triton_loader() -> Callable:
+    """The grouped-GEMM kernel fed with the batch's memoised routing plan, so the tokens
+    are sorted by modality once per batch rather than once per layer."""
+    grouped = _kernel_loader("routed_ffn", "routed_ffn_grouped")()
+
+    def run(x, modality, w_in, w_out, b_in, b_out, w_gate, ln_weight, ln_bias, eps):
+        plan = routing_plan(modality, w_in.shape[0])
+        return grouped(x, plan.perm_i32, plan.offsets_i32, w_in, w_out, b_in, b_out, w_gate,
+                       ln_weight, ln_bias, eps)
+
+    return run
+
+
 for _op, _module, _attr in (
     ("varlen_attention", "varlen_attention", "varlen_attention_triton"),
-    ("routed_ffn", "routed_ffn", "routed_ffn_triton"),
     ("layer_norm", "layer_norm", "layer_norm_triton"),
 ):
     dispatch.register(_op, "triton", _kernel_loader(_module, _attr))
+dispatch.register("routed_ffn", "triton", _routed_ffn_triton_loader)
+for _op in ("varlen_attention", "routed_ffn", "layer_norm"):
     dispatch.register(_op, "native", _native_loader(_op))

@@ -9,6 +9,7 @@ so the sort and the host sync for the offsets happen once per batch, not per lay
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from dataclasses import dataclass
@@ -16,12 +17,20 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass
 class RoutingPlan:
     perm: torch.Tensor  # int64 [T]: packed index of the i-th token in modality order
     inverse: torch.Tensor  # int64 [T]: position of packed token t inside perm
     offsets: torch.Tensor  # int64 [M+1] on the tokens' device
     counts: tuple[int, ...]  # tokens per modality, on the host
+
+    @functools.cached_property
+    def perm_i32(self) -> torch.Tensor:
+        return self.perm.to(torch.int32)
+
+    @functools.cached_property
+    def offsets_i32(self) -> torch.Tensor:
+        return self.offsets.to(torch.int32)
 
     @property
     def num_modalities(self) -> int:

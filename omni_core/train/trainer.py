@@ -79,11 +79,11 @@ def triplet_embeddings(model: OmniModel, samples: list[Sample]) -> dict[int, tor
     return {m: model.project(cls[k * n:(k + 1) * n], m) for k, m in enumerate((TEXT, IMAGE, AUDIO))}
 
 
-def learning_rate(args: TrainArgs, step: int, total: int) -> float:
+def learning_rate(args: TrainArgs, step: int, progress: float) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine decay over ``progress`` in [0, 1]."""
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
-    progress = min(1.0, (step - args.warmup_steps) / max(1, total - args.warmup_steps))
-    floor = args.lr * args.min_lr_ratio
+    floor, progress = args.lr * args.min_lr_ratio, min(1.0, progress)
     return floor + (args.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -152,24 +152,30 @@ def train(args: TrainArgs) -> dict:
     if len(train_set.samples) < args.batch_size:
         raise ValueError(f"{args.data}: {len(train_set.samples)} usable train samples, fewer than "
                          f"one batch of {args.batch_size}")
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "total_steps": args.steps, "tokens": 0,
-             "elapsed_s": 0.0}
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "elapsed_s": 0.0}
     if args.resume:
         state = load_checkpoint(ckpt, model, optimizer)["state"]
     log = MetricsLog(out, state["step"] if args.resume else None)
     meta = {"args": asdict(args), "config": asdict(model.cfg)}
 
     n_batches = len(train_set.samples) // args.batch_size
+    # A step budget gives an exactly reproducible (and resumable) run; a time budget decays
+    # the learning rate over the elapsed fraction of the budget and stops when it is spent.
     budget_s = args.minutes * 60 if args.minutes is not None else None
-    bar = tqdm(total=state["total_steps"] or 0, initial=state["step"], disable=not args.progress,
-               dynamic_ncols=True, file=sys.stdout)
+    bar = tqdm(total=args.steps if args.steps else int(budget_s), initial=state["step"],
+               unit="step" if args.steps else "s", disable=not args.progress, dynamic_ncols=True,
+               file=sys.stdout)
     start, elapsed_before = time.perf_counter(), state["elapsed_s"]
     model.train()
-    while state["total_steps"] is None or state["step"] < state["total_steps"]:
+    done = False
+    while not done:
         order = epoch_order(len(train_set.samples), args.seed, state["epoch"])
         for b in range(state["batch_in_epoch"], n_batches):
             idx = order[b * args.batch_size:(b + 1) * args.batch_size].tolist()
-            row = train_step(model, optimizer, args, [train_set.samples[i] for i in idx], state, device)
+            progress = (state["step"] / args.steps if args.steps
+                        else state["elapsed_s"] / budget_s)
+            lr = learning_rate(args, state["step"], progress)
+            row = train_step(model, optimizer, lr, args.grad_clip, [train_set.samples[i] for i in idx], device)
             state["step"] += 1
             state["batch_in_epoch"] = b + 1
             state["tokens"] += row["tokens"]
@@ -177,13 +183,9 @@ def train(args: TrainArgs) -> dict:
             row.update(step=state["step"], epoch=state["epoch"], elapsed_s=round(state["elapsed_s"], 3),
                        tokens_per_s=round(state["tokens"] / max(state["elapsed_s"], 1e-9), 1))
             log.write(row)
-            if state["total_steps"] is None and state["step"] == 4:
-                state["total_steps"] = _steps_for_budget(state, budget_s)
-                bar.reset(total=state["total_steps"])
-                bar.update(state["step"])
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            done = state["total_steps"] is not None and state["step"] >= state["total_steps"]
+            bar.update(1 if args.steps else int(state["elapsed_s"]) - bar.n)
+            bar.set_postfix(step=state["step"], loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            done = (state["step"] >= args.steps) if args.steps else state["elapsed_s"] >= budget_s
             if done or state["step"] % args.ckpt_every == 0:
                 save_checkpoint(ckpt, model, optimizer, {**meta, "state": state})
             if done:
@@ -202,16 +204,8 @@ def train(args: TrainArgs) -> dict:
     return summary
 
 
-def _steps_for_budget(state: dict, budget_s: float) -> int:
-    """After a few measured steps, fix the step count that fits the time budget (the
-    cosine schedule needs it, and a resumed run must reuse it)."""
-    per_step = state["elapsed_s"] / state["step"]
-    return max(state["step"] + 1, int(budget_s / per_step))
-
-
-def train_step(model: OmniModel, optimizer, args: TrainArgs, samples: list[Sample], state: dict,
+def train_step(model: OmniModel, optimizer, lr: float, grad_clip: float, samples: list[Sample],
                device: torch.device) -> dict:
-    lr = learning_rate(args, state["step"], state["total_steps"] or args.warmup_steps * 10)
     for group in optimizer.param_groups:
         group["lr"] = lr
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -221,7 +215,7 @@ def train_step(model: OmniModel, optimizer, args: TrainArgs, samples: list[Sampl
         loss = loss_it + loss_at
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     tokens = sum(s.token_ids.numel() + 1 + model.audio.num_frames(s.audio.numel()) + 1 for s in samples)
     tokens += len(samples) * ((model.cfg.image_size // 16) ** 2 + 1)
