@@ -332,21 +332,21 @@ FWD_CONFIGS = {
 DKDV_CONFIGS = {
     ("half", 64): [(64, 64, 4, 2)],
     ("half", 128): [(64, 64, 8, 2)],
-    ("fp32", 64): [(16, 32, 4, 1)],
+    ("fp32", 64): [(16, 64, 4, 1)],
     ("fp32", 128): [(16, 32, 4, 1)],
 }
 DQ_CONFIGS = {
     ("half", 64): [(64, 64, 4, 2), (64, 32, 4, 2)],
     ("half", 128): [(64, 64, 8, 2), (128, 32, 8, 2)],
     ("fp32", 64): [(32, 32, 4, 1), (16, 32, 4, 1)],
-    ("fp32", 128): [(32, 32, 4, 1), (16, 32, 4, 1)],
+    ("fp32", 128): [(32, 32, 8, 1)],
 }
 # The deterministic bias gradient's entry loop costs registers: its own spill-free list.
 DQ_DETERMINISTIC_CONFIGS = {
     ("half", 64): [(64, 32, 4, 2)],
     ("half", 128): [(64, 64, 8, 2)],
     ("fp32", 64): [(16, 32, 4, 1)],
-    ("fp32", 128): [(16, 32, 4, 1)],
+    ("fp32", 128): [(32, 32, 8, 1)],
 }
 # Under the interpreter: one config (autotuning needs a GPU timer), large blocks because
 # the interpreter's cost is per block step.
