@@ -63,7 +63,7 @@ def flash_attn_varlen_func(
     if used:
         raise NotImplementedError(f"omni_core.compat.flash_attn_varlen_func does not support: {', '.join(used)}")
     _require_same_pack(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    if deterministic and bias_table is not None:
+    if deterministic and bias_table is not None and q.is_cuda:  # the CPU paths have no atomics
         from omni_core.kernels.varlen_attention import bias_grad_mode
 
         if bias_grad_mode() != "deterministic":
