@@ -7,6 +7,8 @@
     omni data synth ...               generate the image–text–audio triplet dataset
     omni pretrain ... / eval ... / embed ...
     omni demo                         synth → pretrain (10 min) → eval
+
+User errors (missing files, bad input) print one line and exit 1; OMNI_DEBUG=1 shows the traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -64,6 +67,16 @@ def model_info(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(argv)
+    except (OSError, ValueError, RuntimeError) as err:
+        if os.environ.get("OMNI_DEBUG") == "1":
+            raise
+        print(f"omni {' '.join(argv[:2])}: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2

@@ -1,0 +1,104 @@
+"""Trainer: exact resumption after a kill, corrupt samples skipped, clear errors."""
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from omni_core.data.synth import generate
+from omni_core.eval.retrieval import evaluate
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count in every run: bitwise-equal math
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("triplets")
+    generate(out, n_train=24, n_eval=8, seed=0, workers=2, shard_size=12)
+    return out
+
+
+def pretrain_cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "omni_core.cli", "pretrain", "--data", str(data), "--out", str(out),
+            "--steps", "8", "--batch-size", "8", "--ckpt-every", "2", "--warmup-steps", "2",
+            "--seed", "3", "--loader", "pil", "--no-progress", *extra]
+
+
+def metrics(run: Path) -> list[dict]:
+    with (run / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_killed_run_resumes_to_the_same_result(dataset, tmp_path):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    subprocess.run(pretrain_cmd(dataset, whole), check=True, env=ENV, capture_output=True)
+
+    proc = subprocess.Popen(pretrain_cmd(dataset, resumed), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (resumed / "checkpoint.safetensors").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run must be killed mid-way"
+    steps_at_kill = len(metrics(resumed))
+    assert steps_at_kill < 8 and not (resumed / "model.safetensors").exists()
+
+    subprocess.run(pretrain_cmd(dataset, resumed, "--resume"), check=True, env=ENV, capture_output=True)
+    a, b = metrics(whole), metrics(resumed)
+    assert [r["step"] for r in b] == [str(s) for s in range(1, 9)]
+    for key in ("loss", "loss_image_text", "loss_audio_text", "lr", "logit_scale"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    eval_a, eval_b = evaluate(whole, dataset, "pil"), evaluate(resumed, dataset, "pil")
+    assert eval_a == eval_b
+
+
+def _rewrite_member(shard: Path, member_suffix: str, corrupt) -> str:
+    """Replace the first member ending in ``member_suffix`` with ``corrupt(bytes)``."""
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    name = next(m.name for m, _ in members if m.name.endswith(member_suffix))
+    with tarfile.open(shard, "w") as tar:
+        for info, data in members:
+            data = corrupt(data) if info.name == name else data
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return name
+
+
+def test_corrupt_samples_are_skipped_and_counted(dataset, tmp_path):
+    data = tmp_path / "data"
+    subprocess.run(["cp", "-r", str(dataset), str(data)], check=True)
+    shards = sorted(data.glob("train-*.tar"))
+    bad_image = _rewrite_member(shards[0], ".jpg", lambda b: b"\xff\xd8 not a jpeg " + b[:40])
+    bad_audio = _rewrite_member(shards[1], ".flac", lambda b: b[: len(b) // 3])
+    run = tmp_path / "run"
+    proc = subprocess.run(pretrain_cmd(data, run)[:-1] + ["--no-progress"], env=ENV, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["skipped_samples"] == 2
+    joined = " ".join(summary["skipped"])
+    assert bad_image.split(".")[0] in joined and bad_audio.split(".")[0] in joined
+    assert bad_image.split(".")[0] in proc.stderr + proc.stdout  # the warning names it
+    assert len(metrics(run)) == 8
+
+
+def test_missing_dataset_and_unreadable_shard_are_clear_errors(dataset, tmp_path):
+    proc = subprocess.run(pretrain_cmd(tmp_path / "nowhere", tmp_path / "run"), env=ENV, capture_output=True,
+                          text=True)
+    assert proc.returncode != 0 and "nowhere" in proc.stderr
+    data = tmp_path / "data"
+    subprocess.run(["cp", "-r", str(dataset), str(data)], check=True)
+    broken = sorted(data.glob("train-*.tar"))[0]
+    broken.write_bytes(b"this is not a tar archive")
+    proc = subprocess.run(pretrain_cmd(data, tmp_path / "run2"), env=ENV, capture_output=True, text=True)
+    assert proc.returncode != 0 and broken.name in proc.stderr
