@@ -185,6 +185,29 @@ def test_custom_op_registration():
     )
 
 
+def test_torch_compile_sees_one_op():
+    """Dynamo captures the attention as a single custom op, with no graph break."""
+    pack = make_pack([3, 6], 1, 32, "joint", seed=6)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    def attend(q, k, v, table):
+        return va.varlen_attention_triton(q, k, v, pack["cu"], pack["max_seqlen"], None, table, pack["lut"],
+                                          pack["modality"], pack["position"])
+
+    q, k, v = (pack[n].clone().requires_grad_() for n in "qkv")
+    table = pack["table"].clone().requires_grad_()
+    torch._dynamo.reset()
+    out = torch.compile(attend, backend=capture, fullgraph=True)(q, k, v, table)
+    out.sum().backward()
+    ops = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.omni_core.varlen_attention.default) == 1
+    assert torch.equal(out, attend(q, k, v, table)) and table.grad is not None
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
