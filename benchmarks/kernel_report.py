@@ -162,7 +162,7 @@ def report(kernel_filter: str | None = None, quick: bool = False) -> list[dict[s
     return list(iter_report(kernel_filter, quick))
 
 
-_COLUMNS = (("kernel", 26), ("target", 6), ("dtype", 5), ("config", 30), ("regs", 4), ("spill", 5),
+_COLUMNS = (("kernel", 28), ("target", 6), ("dtype", 5), ("config", 52), ("regs", 4), ("spill", 5),
             ("smem", 6), ("mma", 5), ("GFLOP", 6), ("min MB", 6))
 
 
