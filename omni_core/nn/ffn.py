@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from omni_core import ops
@@ -44,5 +45,7 @@ class ModalityLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_modalities, dim))
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
-        idx = modality.long()
-        return ops.layer_norm(x, eps=self.eps) * self.weight[idx] + self.bias[idx]
+        # A one-hot matmul picks each token's affine: its backward is a [M, T] @ [T, D]
+        # GEMM, where indexing would scatter-accumulate T rows into M (slow on CPU).
+        pick = F.one_hot(modality.long(), self.weight.shape[0]).to(x.dtype)
+        return ops.layer_norm(x, eps=self.eps) * (pick @ self.weight) + pick @ self.bias

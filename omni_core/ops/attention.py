@@ -12,10 +12,12 @@ when ``modality[i] == modality[j] == m`` and that LUT entry is >= 0; otherwise n
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from omni_core.ops import dispatch
+from omni_core.ops.memo import memoised
 
 OP = "varlen_attention"
 
@@ -116,53 +118,93 @@ def varlen_attention_reference(
 ) -> torch.Tensor:
     """Plain torch, any dtype (float64 is the ground truth).
 
-    Sequences of equal length are batched together so a pack of many short sequences
-    costs few matmuls. Tokens are gathered once into length order and the groups are
-    split off (not sliced or indexed per group), so the backward pass concatenates the
-    groups' gradients instead of scattering each group into a zero-filled [T, H, Dh].
+    Sequences of similar length are batched together (padded, padding keys masked) so a
+    pack of many sequences costs few matmuls. Tokens are gathered once and the buckets
+    are split off (not sliced or indexed per bucket), so the backward pass concatenates
+    the buckets' gradients instead of scattering each into a zero-filled [T, H, Dh];
+    gathers use index_select, whose backward is a plain index_add (no sort).
     """
     T, H, Dh = q.shape
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(Dh)
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    seq_order = torch.sort(lengths, stable=True).indices
-    sorted_lengths = lengths[seq_order]
-    first = torch.cumsum(sorted_lengths, 0) - sorted_lengths  # start of each sequence after sorting
-    perm = (torch.repeat_interleave(cu_seqlens[:-1].long()[seq_order], sorted_lengths)
-            + torch.arange(T, device=q.device) - torch.repeat_interleave(first, sorted_lengths))
-    group_lengths, group_counts = torch.unique_consecutive(sorted_lengths, return_counts=True)
-    groups = [(L, n) for L, n in zip(group_lengths.tolist(), group_counts.tolist()) if L > 0]
-    if not groups:
+    layout = memoised("varlen_layout", (cu_seqlens, modality, position, bias_lut),
+                      lambda: _bucket_layout(cu_seqlens, modality, position, bias_lut))
+    if not layout.buckets:
         return q.new_zeros(q.shape)
-    sizes = [L * n for L, n in groups]
+    grouped = [torch.split(t.index_select(0, layout.gather), layout.sizes) for t in (q, k, v)]
     outs = []
-    for (L, n), qg, kg, vg, idx in zip(groups, *(torch.split(t[perm], sizes) for t in (q, k, v)),
-                                        torch.split(perm, sizes)):
+    for (L, n), qg, kg, vg, key_valid, bias_rows in zip(layout.buckets, *grouped, layout.key_valid,
+                                                         layout.bias_rows):
         qg, kg, vg = (t.view(n, L, H, Dh).transpose(1, 2) for t in (qg, kg, vg))  # [n, H, L, Dh]
         logits = torch.matmul(qg, kg.transpose(-1, -2)) * scale
         if bias_table is not None:
-            bias = _gathered_bias(idx.view(n, L), bias_table, bias_lut, modality, position)
-            logits = logits + bias.to(logits.dtype)
-        probs = torch.softmax(logits, dim=-1)
-        outs.append(torch.matmul(probs, vg).transpose(1, 2).reshape(n * L, H, Dh))
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(T, device=q.device)
-    return torch.cat(outs)[inverse]
+            entry, keep = bias_rows
+            bias = bias_table.index_select(0, entry).view(n, L, L, H) * keep
+            logits = logits + bias.permute(0, 3, 1, 2).to(logits.dtype)
+        if key_valid is not None:
+            logits = logits.masked_fill(~key_valid, float("-inf"))
+        outs.append(torch.matmul(torch.softmax(logits, dim=-1), vg).transpose(1, 2).reshape(n * L, H, Dh))
+    return torch.cat(outs).index_select(0, layout.rows_of_tokens)
 
 
-def _gathered_bias(
-    idx: torch.Tensor,
-    bias_table: torch.Tensor,
-    bias_lut: torch.Tensor,
-    modality: torch.Tensor,
-    position: torch.Tensor,
-) -> torch.Tensor:
-    """Bias ``[n, H, L, L]`` for the sequences whose token indices are ``idx [n, L]``."""
+@dataclass
+class _BucketLayout:
+    buckets: list[tuple[int, int]]  # (padded length, number of sequences) per bucket
+    sizes: list[int]  # padded rows per bucket
+    gather: torch.Tensor  # packed token of each padded row (a sequence's own token for padding)
+    rows_of_tokens: torch.Tensor  # padded row holding each packed token
+    key_valid: list  # per bucket: [n, 1, 1, L] mask of real keys, or None without padding
+    bias_rows: list  # per bucket: (flat bias_table rows, [n, L, L, 1] mask), or None
+
+
+def _bucket_layout(cu_seqlens: torch.Tensor, modality: torch.Tensor | None, position: torch.Tensor | None,
+                   bias_lut: torch.Tensor | None, ratio: float = 1.25, small: int = 16) -> _BucketLayout:
+    """Everything that depends only on the batch layout, computed once per batch.
+
+    Sequences sorted by length are cut into buckets whose longest member is at most
+    ``ratio`` times (or ``small`` tokens beyond) the shortest: few batched matmuls per
+    pack, and little padding, whose keys are masked out (so results are exact).
+    """
+    device = cu_seqlens.device
+    starts, lengths = cu_seqlens[:-1].tolist(), (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    order = sorted((L, s) for s, L in enumerate(lengths) if L > 0)
+    members: list[list[int]] = []
+    for L, s in order:
+        if members and L <= max(ratio * lengths[members[-1][0]], lengths[members[-1][0]] + small):
+            members[-1].append(s)
+        else:
+            members.append([s])
+    buckets, gathers, valids, rows = [], [], [], torch.empty(int(cu_seqlens[-1]), dtype=torch.long)
+    offset = 0
+    for seqs in members:
+        L = max(lengths[s] for s in seqs)
+        start = torch.tensor([starts[s] for s in seqs])[:, None]
+        length = torch.tensor([lengths[s] for s in seqs])[:, None]
+        step = torch.arange(L)[None, :]
+        valid = step < length
+        gathers.append(torch.where(valid, start + step, start).flatten())
+        rows[(start + step)[valid]] = offset + torch.nonzero(valid.flatten()).flatten()
+        valids.append(valid[:, None, None, :].to(device) if not bool(valid.all()) else None)
+        buckets.append((L, len(seqs)))
+        offset += L * len(seqs)
+    sizes = [L * n for L, n in buckets]
+    gather = torch.cat(gathers).to(device) if gathers else torch.empty(0, dtype=torch.long, device=device)
+    bias_rows = [None] * len(buckets)
+    if bias_lut is not None:
+        bias_rows = [_bias_rows(idx.view(n, L), bias_lut, modality, position)
+                     for (L, n), idx in zip(buckets, torch.split(gather, sizes))]
+    return _BucketLayout(buckets, sizes, gather, rows.to(device), valids, bias_rows)
+
+
+def _bias_rows(idx: torch.Tensor, bias_lut: torch.Tensor, modality: torch.Tensor,
+               position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For sequences with token indices ``idx [n, L]``: the bias_table row of every
+    (query, key) pair, flattened, and the mask of pairs that get a bias (same modality,
+    LUT entry >= 0) as ``[n, L, L, 1]``."""
     mod = modality[idx].long()
     pos = position[idx].long()
     entry = bias_lut[mod[:, :, None], pos[:, :, None], pos[:, None, :]].long()
     keep = (mod[:, :, None] == mod[:, None, :]) & (entry >= 0)
-    bias = bias_table[entry.clamp(min=0)] * keep[..., None].to(bias_table.dtype)
-    return bias.permute(0, 3, 1, 2)
+    return entry.clamp(min=0).flatten(), keep[..., None]
 
 
 def varlen_attention(

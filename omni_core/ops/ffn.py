@@ -90,7 +90,7 @@ def routed_ffn_reference(
     """Plain torch, any dtype: one GEMM chain per modality over its slice of the plan."""
     plan = routing_plan(modality, w_in.shape[0])
     # split/unbind (not slicing/indexing) so backward concatenates instead of zero-filling.
-    groups = torch.split(x[plan.perm], list(plan.counts))
+    groups = torch.split(x.index_select(0, plan.perm), list(plan.counts))
     per_modality = [t.unbind(0) if t is not None else [None] * len(groups)
                     for t in (w_in, w_out, b_in, b_out, w_gate, ln_weight, ln_bias)]
     outs = []
@@ -105,7 +105,7 @@ def routed_ffn_reference(
         if bo is not None:
             y = y + bo
         outs.append(y)
-    return torch.cat(outs)[plan.inverse]
+    return torch.cat(outs).index_select(0, plan.inverse)
 
 
 def routed_ffn(

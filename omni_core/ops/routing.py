@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import functools
 import os
-import weakref
 from dataclasses import dataclass
 
 import torch
+
+from omni_core.ops.memo import memoised
 
 
 @dataclass
@@ -76,19 +77,7 @@ def _native_grouping():
     return _C.group_by_modality
 
 
-_CACHE: dict[int, tuple[weakref.ref, int, int, RoutingPlan]] = {}
-
-
 def routing_plan(modality: torch.Tensor, num_modalities: int) -> RoutingPlan:
     """The plan of ``modality``, memoised while that tensor lives and is unmodified."""
-    key = id(modality)
-    hit = _CACHE.get(key)
-    if hit is not None:
-        ref, version, m, plan = hit
-        if ref() is modality and version == modality._version and m == num_modalities:
-            return plan
-    plan = build_routing_plan(modality, num_modalities)
-    for k in [k for k, (r, *_rest) in _CACHE.items() if r() is None]:
-        del _CACHE[k]
-    _CACHE[key] = (weakref.ref(modality), modality._version, num_modalities, plan)
-    return plan
+    return memoised(("routing_plan", num_modalities), (modality,),
+                    lambda: build_routing_plan(modality, num_modalities))

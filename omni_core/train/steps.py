@@ -112,14 +112,15 @@ def _padded_view(model: OmniModel, embedded: list[list[torch.Tensor]], view: Vie
     # Modality by position within the pass (padding included, as in the padded original).
     by_position = torch.cat([torch.full((b - a,), m, dtype=torch.int32) for m, a, b in slots])
     by_position = by_position.repeat(B)
+    bias_rows = _padded_bias_rows(model.bias_lut, pos, slots)  # per pass, shared by its layers
     for block in model.blocks:
-        x = _padded_block(block, x, valid, pos, slots, by_position, model.bias_lut)
+        x = _padded_block(block, x, valid, bias_rows, by_position)
     x = model.final_norm(x.reshape(-1, D), by_position).view(B, -1, D)
     return [[x[b, bounds[s]:bounds[s] + row[s].shape[0]] for s in range(len(slots))]
             for b, row in enumerate(tokens)]
 
 
-def _padded_block(block: Block, x, valid, pos, slots, by_position, bias_lut) -> torch.Tensor:
+def _padded_block(block: Block, x, valid, bias_rows, by_position) -> torch.Tensor:
     B, L, D = x.shape
     attn = block.attn
     H, Dh = attn.num_heads, attn.head_dim
@@ -127,7 +128,7 @@ def _padded_block(block: Block, x, valid, pos, slots, by_position, bias_lut) -> 
     q, k, v = (proj(h).view(B, L, H, Dh).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
     logits = q @ k.transpose(-1, -2) / math.sqrt(Dh)
     if attn.bias_table is not None:
-        logits = logits + _padded_bias(attn.bias_table, bias_lut, pos, slots, B, H, L)
+        logits = logits + _padded_bias(attn.bias_table, bias_rows, B, H, L)
     logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
     out = (torch.softmax(logits, dim=-1) @ v).transpose(1, 2).reshape(B, L, D)
     if attn.sub_ln is not None:
@@ -139,13 +140,22 @@ def _padded_block(block: Block, x, valid, pos, slots, by_position, bias_lut) -> 
     return x + (out * block.gamma_ffn if block.gamma_ffn is not None else out)
 
 
-def _padded_bias(table, bias_lut, pos, slots, B, H, L) -> torch.Tensor:
-    """``[B, H, L, L]``: each modality slot's own bias block; nothing across slots."""
-    bias = table.new_zeros(B, H, L, L)
+def _padded_bias_rows(bias_lut, pos, slots) -> list:
+    """Per modality slot of a padded pass: its bounds, the bias_table row of each
+    (query, key) pair and the mask of pairs with a bias."""
+    rows = []
     for m, a, b in slots:
         p = pos[:, a:b]
         entry = bias_lut[m][p[:, :, None], p[:, None, :]].long()
-        block = table[entry.clamp(min=0)] * (entry >= 0)[..., None].to(table.dtype)
+        rows.append((a, b, entry.clamp(min=0).flatten(), (entry >= 0)[..., None]))
+    return rows
+
+
+def _padded_bias(table, bias_rows, B, H, L) -> torch.Tensor:
+    """``[B, H, L, L]``: each modality slot's own bias block; nothing across slots."""
+    bias = table.new_zeros(B, H, L, L)
+    for a, b, entry, keep in bias_rows:
+        block = table.index_select(0, entry).view(B, b - a, b - a, H) * keep
         bias[:, :, a:b, a:b] = block.permute(0, 3, 1, 2)
     return bias
 
