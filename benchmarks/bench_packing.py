@@ -16,7 +16,7 @@ def test_step(benchmark, mix, step):
 
     def run():
         model.zero_grad(set_to_none=True)
-        loss, _ = step(model, inputs, views)
+        loss, *_ = step(model, inputs, views)
         loss.backward()
         return loss
 

@@ -2,8 +2,9 @@
 
 Two mixes: stage-1-like image–text (captions of 8–70 tokens, 257-token images: 256 px)
 and stage-2-like audio–text (clips of 1–15 s: 50–750 frames). Both steps run the same
-views with the same weights; tokens/s counts real (unpadded) tokens. ``flop_ratio`` is
-the encoder's padded FLOPs over its packed FLOPs: the bound on the gain.
+views with the same weights: the student's five views with gradients and the teacher's
+three unmasked views without. tokens/s counts real (unpadded) tokens through the encoder.
+``flop_ratio`` is the encoder's padded FLOPs over its packed FLOPs: the bound on the gain.
 
     omni bench packing [--json] [--repeats N]
 """
@@ -61,20 +62,32 @@ def encoder_flops(model: OmniModel, seq_lengths: list[int]) -> float:
     return cfg.depth * (per_token * sum(seq_lengths) + attention)
 
 
-def flop_ratio(model: OmniModel, views: list[View], counts) -> float:
+def step_flops(model: OmniModel, views: list[View], counts, padded: bool) -> float:
+    """Encoder FLOPs of a step: the student's views forward + backward (3x), the
+    teacher's (unmasked) views forward only."""
     lengths = view_lengths(views, counts)
-    packed = [sum(seq) for v in lengths.values() for seq in v]
-    padded = []
-    for v in lengths.values():
-        slot_max = [max(seq[s] for seq in v) for s in range(len(v[0]))]
-        padded += [sum(slot_max)] * len(v)
-    return encoder_flops(model, padded) / encoder_flops(model, packed)
+    total = 0.0
+    for view in views:
+        seqs = lengths[view.name]
+        if padded:
+            slot_max = [max(seq[s] for seq in seqs) for s in range(len(seqs[0]))]
+            seqs = [slot_max] * len(seqs)
+        flops = encoder_flops(model, [sum(seq) for seq in seqs])
+        total += (3 * flops if view.student else 0.0) + (flops if view.target is None else 0.0)
+    return total
+
+
+def step_tokens(views: list[View], counts) -> int:
+    """Real tokens through the encoder in a step (student views + teacher views)."""
+    lengths = view_lengths(views, counts)
+    per_view = {v.name: sum(sum(seq) for seq in lengths[v.name]) for v in views}
+    return sum(per_view[v.name] * (int(v.student) + int(v.target is None)) for v in views)
 
 
 def run_once(step, model, inputs, views) -> float:
     model.zero_grad(set_to_none=True)
     start = time.perf_counter()
-    loss, _ = step(model, inputs, views)
+    loss, *_ = step(model, inputs, views)
     loss.backward()
     return time.perf_counter() - start
 
@@ -96,19 +109,19 @@ def run_mix(name: str, repeats: int, pairs: int | None = None) -> dict:
     counts = {TEXT: [t.numel() + 1 for t in inputs.text],
               IMAGE: [(model.cfg.image_size // 16) ** 2 + 1] * (0 if inputs.image is None else len(inputs.image)),
               AUDIO: [model.audio.num_frames(a.numel()) + 1 for a in inputs.audio]}
-    lengths = view_lengths(views, counts)
-    real_tokens = sum(sum(seq) for v in lengths.values() for seq in v)
+    real_tokens = step_tokens(views, counts)
     packed_s, padded_s = time_steps(model, inputs, views, repeats)
     return {
         "mix": name,
-        "sequences": sum(len(v.sequences) for v in views),
+        "sequences": sum(len(v.sequences) * (int(v.student) + int(v.target is None)) for v in views),
         "real_tokens": real_tokens,
         "packed_step_s": round(packed_s, 4),
         "padded_step_s": round(padded_s, 4),
         "packed_tokens_per_s": round(real_tokens / packed_s, 1),
         "padded_tokens_per_s": round(real_tokens / padded_s, 1),
         "speedup": round(padded_s / packed_s, 3),
-        "flop_ratio": round(flop_ratio(model, views, counts), 3),
+        "flop_ratio": round(step_flops(model, views, counts, padded=True)
+                            / step_flops(model, views, counts, padded=False), 3),
     }
 
 

@@ -25,10 +25,10 @@ def make_step(other, dtype, n=4):
 
 def run(step, model, inputs, views):
     model.zero_grad()
-    loss, feats = step(model, inputs, views)
+    loss, student, teacher = step(model, inputs, views)
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), feats, grads
+    return loss.detach(), {**{f"teacher:{k}": v for k, v in teacher.items()}, **student}, grads
 
 
 def rel(a, b):
@@ -43,13 +43,15 @@ def test_packed_step_equals_padded_step(other, dtype, bound):
     packed = run(packed_step, model, inputs, views)
     padded = run(padded_step, model, inputs, views)
     assert rel(packed[0], padded[0]) <= bound
-    for view in views:  # every view, every sequence, every segment: CLS and token features
-        assert len(packed[1][view.name]) == len(padded[1][view.name]) == 4
-        for seq_p, seq_q in zip(packed[1][view.name], padded[1][view.name]):
+    names = sorted(packed[1])
+    assert names == sorted(padded[1]) and len(names) == 8  # 5 student views + 3 teacher views
+    for name in names:  # every view, every sequence, every segment: CLS and token features
+        assert len(packed[1][name]) == len(padded[1][name]) == 4
+        for seq_p, seq_q in zip(packed[1][name], padded[1][name]):
             for p, q in zip(seq_p, seq_q, strict=True):
                 assert p.shape == q.shape
-                assert rel(p[0], q[0]) <= bound, f"{view.name} CLS"
-                assert rel(p, q) <= bound, f"{view.name} tokens"
+                assert rel(p[0], q[0]) <= bound, f"{name} CLS"
+                assert rel(p, q) <= bound, f"{name} tokens"
     assert packed[2].keys() == padded[2].keys()
     used = [n for n in packed[2] if padded[2][n].norm() > 0]
     assert len(used) > 50

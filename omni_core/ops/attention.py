@@ -157,7 +157,7 @@ class _BucketLayout:
 
 
 def _bucket_layout(cu_seqlens: torch.Tensor, modality: torch.Tensor | None, position: torch.Tensor | None,
-                   bias_lut: torch.Tensor | None, ratio: float = 1.25, small: int = 16) -> _BucketLayout:
+                   bias_lut: torch.Tensor | None, ratio: float = 1.1, small: int = 0) -> _BucketLayout:
     """Everything that depends only on the batch layout, computed once per batch.
 
     Sequences sorted by length are cut into buckets whose longest member is at most

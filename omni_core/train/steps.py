@@ -1,8 +1,8 @@
 """The packed pre-training step and ONE-PEACE's padded multi-pass step, side by side.
 
-``packed_step`` runs every view of a step as one packed forward (plus one packed no-grad
-teacher pass). ``padded_step`` reproduces the released ONE-PEACE trainer: one padded
-forward per view, key-padding masks, the relative-position bias built per modality block
+``packed_step`` runs the student's views of a step as one packed forward and the teacher's
+as one packed no-grad forward. ``padded_step`` reproduces the released ONE-PEACE trainer:
+one padded forward per view, key-padding masks, the relative-position bias built per modality block
 of each padded pass, and each FFN applied to the slice of positions its modality occupies.
 Both use the same weights and the same loss code, so a test can demand equal results.
 """
@@ -45,14 +45,19 @@ def _unmasked(views: list[View]) -> list[View]:
     return [v for v in views if v.target is None]
 
 
+def _student(views: list[View]) -> list[View]:
+    return [v for v in views if v.student]
+
+
 # ---------------------------------------------------------------- packed: one pass
 def packed_forward(model: OmniModel, embedded: list[list[torch.Tensor]], views: list[View]) -> ViewFeatures:
     sequences = [seq for view in views for seq in view.sequences]
     batch = model.pack(embedded, sequences)
     features = model.encode(batch)
     per_sequence: list[list[torch.Tensor]] = [[] for _ in sequences]
-    for span in batch.segments:
-        per_sequence[span.sequence].append(features[span.start:span.start + span.length])
+    # split (not slicing per segment): backward concatenates instead of zero-filling [T, D] per segment
+    for span, part in zip(batch.segments, torch.split(features, [s.length for s in batch.segments])):
+        per_sequence[span.sequence].append(part)
     out, first = {}, 0
     for view in views:
         out[view.name] = per_sequence[first:first + len(view.sequences)]
@@ -60,11 +65,12 @@ def packed_forward(model: OmniModel, embedded: list[list[torch.Tensor]], views: 
     return out
 
 
-def packed_step(model: OmniModel, inputs, views: list[View]) -> tuple[torch.Tensor, ViewFeatures]:
-    student = packed_forward(model, model.embed(inputs), views)
+def packed_step(model: OmniModel, inputs, views: list[View]) -> tuple[torch.Tensor, ViewFeatures, ViewFeatures]:
+    """Returns (loss, student features, teacher features)."""
+    student = packed_forward(model, model.embed(inputs), _student(views))
     with teacher_mode(model):
         teacher = packed_forward(model, model.embed(inputs), _unmasked(views))
-    return step_loss(model, student, teacher, views), student
+    return step_loss(model, student, teacher, views), student, teacher
 
 
 # ---------------------------------------------------------------- padded: a pass per view
@@ -72,11 +78,12 @@ def padded_forward(model: OmniModel, embedded: list[list[torch.Tensor]], views: 
     return {view.name: _padded_view(model, embedded, view) for view in views}
 
 
-def padded_step(model: OmniModel, inputs, views: list[View]) -> tuple[torch.Tensor, ViewFeatures]:
-    student = padded_forward(model, model.embed(inputs), views)
+def padded_step(model: OmniModel, inputs, views: list[View]) -> tuple[torch.Tensor, ViewFeatures, ViewFeatures]:
+    """Returns (loss, student features, teacher features)."""
+    student = padded_forward(model, model.embed(inputs), _student(views))
     with teacher_mode(model):
         teacher = padded_forward(model, model.embed(inputs), _unmasked(views))
-    return step_loss(model, student, teacher, views), student
+    return step_loss(model, student, teacher, views), student, teacher
 
 
 def _padded_view(model: OmniModel, embedded: list[list[torch.Tensor]], view: View) -> list[list[torch.Tensor]]:

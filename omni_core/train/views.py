@@ -4,6 +4,8 @@ Stage 1 (image–text): text, image, joint text+image, and their masked variants
 Stage 2 (audio–text): text, audio, joint text+audio, and their masked variants.
 A masked view keeps CLS plus a random subset of positions (MAE-style); kept tokens keep
 their original positions so their relative-position bias is that of the full input.
+The student (with gradients) runs the unimodal views and the masked views; the teacher
+(no gradients) runs the unmasked views, whose features are the masked views' targets.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class View:
     name: str
     sequences: list[list[SegmentRef]]
     target: str | None = None  # the unmasked view whose features a masked view predicts
+    student: bool = True  # False: only the no-grad teacher pass runs it (no loss term uses it)
 
 
 def keep_positions(length: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
@@ -48,7 +51,7 @@ def step_views(other: int, num_pairs: int, token_counts: dict[int, list[int]], s
     return [
         View("text", [[SegmentRef(TEXT, i)] for i in pairs]),
         View(name, [[SegmentRef(other, i)] for i in pairs]),
-        View(f"text+{name}", [[SegmentRef(TEXT, i), SegmentRef(other, i)] for i in pairs]),
+        View(f"text+{name}", [[SegmentRef(TEXT, i), SegmentRef(other, i)] for i in pairs], student=False),
         View("masked_text", [[masked(TEXT, i)] for i in pairs], target="text"),
         View(f"masked_{name}", [[masked(other, i)] for i in pairs], target=name),
         View(f"masked_text+{name}", [[masked(TEXT, i), masked(other, i)] for i in pairs],
