@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,3 +16,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    """A small real triplet dataset (images, espeak-ng speech, captions) in tar shards."""
+    from omni_core.data.synth import generate
+
+    out = tmp_path_factory.mktemp("triplets")
+    generate(out, n_train=24, n_eval=8, seed=0, workers=2, shard_size=12)
+    return out

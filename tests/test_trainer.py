@@ -11,19 +11,9 @@ import tarfile
 import time
 from pathlib import Path
 
-import pytest
-
-from omni_core.data.synth import generate
 from omni_core.eval.retrieval import evaluate
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count in every run: bitwise-equal math
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("triplets")
-    generate(out, n_train=24, n_eval=8, seed=0, workers=2, shard_size=12)
-    return out
 
 
 def pretrain_cmd(data: Path, out: Path, *extra: str) -> list[str]:
