@@ -6,14 +6,22 @@ mono, resampled to 16 kHz, cut to 15 s, repeated up to 1 s and normalised per cl
 caption tokenised. A sample whose member is corrupt, truncated or missing, or whose caption
 is empty, is skipped with a warning naming shard, key and member, and recorded in
 ``skipped``; a missing dataset or an unreadable shard is an error naming the path.
+
+Order: with ``shuffle``, epoch e visits the shards in a permutation drawn from (seed, e) and the
+samples of each shard in a permutation drawn from (seed, e, shard). ``epoch_order(e)`` lists that
+order as (shard index, position) pairs without reading any shard, and ``iter_epoch(e, start=n)``
+resumes after its first n entries (skipped samples keep their place), so a resumed run sees
+exactly the samples an uninterrupted one would have.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import random
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +30,8 @@ from PIL import Image
 
 from omni_core.data.audio import SAMPLE_RATE, decode_audio, fit_length, normalise, resample
 from omni_core.data.sample import Sample
-from omni_core.data.shards import ShardError, read_shard
-from omni_core.data.tokenizer import CaptionTokenizer
+from omni_core.data.shards import read_shard
+from omni_core.data.tokenizer import CaptionTokenizer, load_tokenizer
 
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
@@ -36,6 +44,19 @@ class SampleError(ValueError):
     def __init__(self, member: str, reason: str) -> None:
         super().__init__(f"{member}: {reason}")
         self.member = member
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A skipped sample: which shard, key and member, and why."""
+
+    shard: str
+    key: str
+    member: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.shard}:{self.key}.{self.member}: {self.reason}"
 
 
 def decode_image(data: bytes, image_size: int) -> torch.Tensor:
@@ -75,68 +96,118 @@ def decode_sample(key: str, members: dict[str, bytes], image_size: int, tokenize
     return Sample(key, image, audio, text, torch.tensor(ids, dtype=torch.long))
 
 
-def split_shards(path: str | Path, split: str) -> list[Path]:
-    """The shard files of ``split`` as the dataset's manifest lists them."""
+def read_manifest(path: str | Path) -> dict:
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset directory {root} does not exist (run `omni data synth --out {root}`)")
     manifest_path = root / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path} not found: {root} is not a dataset made by `omni data synth`")
-    splits = json.loads(manifest_path.read_text())["splits"]
+    return json.loads(manifest_path.read_text())
+
+
+def split_entries(path: str | Path, split: str) -> list[dict]:
+    """The manifest's shard entries ({"path", "num_samples"}) of ``split``; every shard must exist."""
+    root = Path(path)
+    splits = read_manifest(root)["splits"]
     if split not in splits:
-        raise ValueError(f"{manifest_path} has no split {split!r} (it has {sorted(splits)})")
-    shards = [root / s["path"] for s in splits[split]["shards"]]
-    for shard in shards:
-        if not shard.is_file():
-            raise FileNotFoundError(f"shard {shard} listed in {manifest_path} is missing")
-    return shards
+        raise ValueError(f"{root / 'manifest.json'} has no split {split!r} (it has {sorted(splits)})")
+    entries = splits[split]["shards"]
+    for entry in entries:
+        if not (root / entry["path"]).is_file():
+            raise FileNotFoundError(f"shard {root / entry['path']} listed in {root / 'manifest.json'} is missing")
+    return entries
+
+
+def split_shards(path: str | Path, split: str) -> list[Path]:
+    """The shard files of ``split`` as the dataset's manifest lists them."""
+    return [Path(path) / e["path"] for e in split_entries(path, split)]
 
 
 class ShardDataset:
-    """Samples of one split, decoded on the fly; corrupt ones skipped and recorded.
+    """Samples of one split, decoded on the fly; corrupt ones skipped and recorded in ``skipped``.
 
-    With ``shuffle``, epoch e visits the shards in an order drawn from (seed, e), so a
-    resumed run can reproduce the order exactly (:meth:`epoch_order`).
+    ``for s in ds`` runs epoch ``ds.epoch`` and then advances it; ``iter_epoch`` runs any epoch.
+    ``image_size`` and ``tokenizer`` default to the dataset's own.
     """
 
-    def __init__(self, path: str | Path, split: str, image_size: int, tokenizer: CaptionTokenizer,
-                 shuffle: bool = False, seed: int = 0) -> None:
-        self.shards = split_shards(path, split)
-        self.image_size, self.tokenizer = image_size, tokenizer
+    def __init__(self, path: str | Path, split: str, image_size: int | None = None,
+                 tokenizer: CaptionTokenizer | None = None, shuffle: bool = False, seed: int = 0) -> None:
+        self.root = Path(path)
+        self.entries = split_entries(self.root, split)
+        self.shards = [self.root / e["path"] for e in self.entries]
+        self.image_size = image_size or read_manifest(self.root)["image_size"]
+        self.tokenizer = tokenizer or load_tokenizer(self.root)
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
-        self.skipped: list[str] = []
+        self.skipped: list[Skipped] = []
 
-    def epoch_order(self, epoch: int) -> list[Path]:
-        if not self.shuffle:
-            return list(self.shards)
-        order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(self.seed * 1009 + epoch))
-        return [self.shards[i] for i in order.tolist()]
+    def __len__(self) -> int:
+        return sum(e["num_samples"] for e in self.entries)
+
+    def epoch_order(self, epoch: int) -> list[tuple[int, int]]:
+        """(shard index, position in shard) in visiting order: a pure function of (seed, epoch)."""
+        shard_ids = list(range(len(self.entries)))
+        if self.shuffle:
+            random.Random(f"shards-{self.seed}-{epoch}").shuffle(shard_ids)
+        order = []
+        for s in shard_ids:
+            positions = list(range(self.entries[s]["num_samples"]))
+            if self.shuffle:
+                random.Random(f"samples-{self.seed}-{epoch}-{s}").shuffle(positions)
+            order.extend((s, p) for p in positions)
+        return order
 
     def __iter__(self) -> Iterator[Sample]:
-        for shard in self.epoch_order(self.epoch):
-            try:
-                for key, members in read_shard(shard):
-                    try:
-                        yield decode_sample(key, members, self.image_size, self.tokenizer)
-                    except SampleError as err:
-                        where = f"{shard.name}:{key}.{err.member}"
-                        warnings.warn(f"skipping sample {where}: {err}", stacklevel=2)
-                        self.skipped.append(f"{where}: {err}")
-            except ShardError as err:
-                raise ShardError(f"unreadable shard {shard}: {err}") from err
+        yield from self.iter_epoch(self.epoch)
         self.epoch += 1
 
-    def batches(self, batch_size: int) -> Iterator[list[Sample]]:
+    def iter_epoch(self, epoch: int, start: int = 0) -> Iterator[Sample]:
+        """Samples of ``epoch`` after the first ``start`` entries of ``epoch_order(epoch)``."""
+        order = self.epoch_order(epoch)[start:]
+        i = 0
+        while i < len(order):
+            shard = order[i][0]
+            j = i
+            while j < len(order) and order[j][0] == shard:
+                j += 1
+            records = self.read_records(shard)
+            for _, pos in order[i:j]:
+                sample = self.decode(shard, *records[pos])
+                if sample is not None:
+                    yield sample
+            i = j
+
+    def read_records(self, shard: int) -> list[tuple[str, dict[str, bytes]]]:
+        """The raw members of one whole shard (a few MB), checked against the manifest's count."""
+        records = list(read_shard(self.shards[shard]))
+        if len(records) != self.entries[shard]["num_samples"]:
+            raise ValueError(f"shard {self.shards[shard]} holds {len(records)} samples but "
+                             f"{self.root / 'manifest.json'} lists {self.entries[shard]['num_samples']}")
+        return records
+
+    def decode(self, shard: int, key: str, members: dict[str, bytes]) -> Sample | None:
+        """The decoded sample, or None after warning and recording why it was skipped."""
+        try:
+            return decode_sample(key, members, self.image_size, self.tokenizer)
+        except SampleError as err:
+            skipped = Skipped(self.shards[shard].name, key, err.member, str(err).split(": ", 1)[1])
+            self.skipped.append(skipped)
+            warnings.warn(f"skipping sample {skipped}", stacklevel=2)
+            return None
+
+    def batches(self, batch_size: int, drop_last: bool = False) -> Iterator[list[Sample]]:
+        """Lists of ``batch_size`` samples from the current epoch."""
         batch: list[Sample] = []
         for sample in self:
             batch.append(sample)
             if len(batch) == batch_size:
                 yield batch
                 batch = []
-        if batch:
+        if batch and not drop_last:
             yield batch
 
 
-def load_eval_split(path: str | Path, image_size: int, tokenizer: CaptionTokenizer) -> list[Sample]:
-    return list(ShardDataset(path, "eval", image_size, tokenizer))
+def load_eval_split(path: str | Path, image_size: int | None = None,
+                    tokenizer: CaptionTokenizer | None = None) -> list[Sample]:
+    """All eval samples in shard order."""
+    return list(ShardDataset(path, "eval", image_size, tokenizer, shuffle=False))

@@ -89,7 +89,11 @@ class Plan:
 
 
 def caption_of(items: tuple[Item, ...]) -> str:
-    return " and ".join(f"a {i.colour} {i.shape} {POSITIONS[i.position][0]}" for i in items)
+    def phrase(i: Item) -> str:
+        article = "an" if i.colour[0] in "aeiou" else "a"
+        return f"{article} {i.colour} {i.shape} {POSITIONS[i.position][0]}"
+
+    return " and ".join(phrase(i) for i in items)
 
 
 def is_held_out(items: tuple[Item, ...]) -> bool:
@@ -169,9 +173,9 @@ def render_image(plan: Plan, rng: random.Random) -> bytes:
     draw = ImageDraw.Draw(img)
     for item in plan.items:
         fx, fy = POSITIONS[item.position][1]
-        cx = (fx + rng.uniform(-0.03, 0.03)) * side
-        cy = (fy + rng.uniform(-0.03, 0.03)) * side
-        r = rng.uniform(0.09, 0.12) * side  # small enough that two positions never overlap
+        cx = (fx + rng.uniform(-0.02, 0.02)) * side
+        cy = (fy + rng.uniform(-0.02, 0.02)) * side
+        r = rng.uniform(0.08, 0.10) * side  # neighbouring positions are 0.3 apart: shapes never overlap
         fill = tuple(int(np.clip(c + rng.randint(-20, 20), 0, 255)) for c in COLOURS[item.colour])
         if item.shape == "circle":
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)

@@ -30,7 +30,7 @@ class CaptionTokenizer:
         return self.tokenizer.encode(text).ids[:MAX_TEXT_TOKENS]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.tokenizer.decode(list(ids))
+        return self.tokenizer.decode(list(ids)).strip()
 
     def save(self, path: str | Path) -> None:
         self.tokenizer.save(str(path))
