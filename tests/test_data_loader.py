@@ -96,3 +96,10 @@ def test_non_tar_shard_names_the_file(dataset, tmp_path):
 def test_writer_rejects_keys_with_dots(tmp_path):
     with ShardWriter(tmp_path / "x.tar") as w, pytest.raises(ValueError, match="a.b"):
         w.write("a.b", {"txt": io.BytesIO(b"x").read()})
+
+
+def test_threaded_decoding_keeps_order_and_values(dataset):
+    one = list(ShardDataset(dataset, "train", shuffle=True, seed=2))
+    two = list(ShardDataset(dataset, "train", shuffle=True, seed=2, num_threads=2))
+    assert [s.key for s in one] == [s.key for s in two]
+    assert all(torch.equal(a.image, b.image) and torch.equal(a.audio, b.audio) for a, b in zip(one, two))

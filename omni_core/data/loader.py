@@ -21,7 +21,9 @@ import json
 import random
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,7 @@ from PIL import Image
 
 from omni_core.data.audio import SAMPLE_RATE, decode_audio, fit_length, normalise, resample
 from omni_core.data.sample import Sample
-from omni_core.data.shards import read_shard
+from omni_core.data.shards import prefetch, read_shard
 from omni_core.data.tokenizer import CaptionTokenizer, load_tokenizer
 
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
@@ -75,7 +77,8 @@ def decode_clip(data: bytes) -> torch.Tensor:
     return torch.from_numpy(normalise(fit_length(resample(pcm, rate, SAMPLE_RATE))))
 
 
-def decode_sample(key: str, members: dict[str, bytes], image_size: int, tokenizer: CaptionTokenizer) -> Sample:
+def check_caption(members: dict[str, bytes], tokenizer: CaptionTokenizer) -> tuple[str, list[int]]:
+    """The caption and its ids; raises SampleError for a missing member or an empty caption."""
     missing = [m for m in MEMBERS if m not in members]
     if missing:
         raise SampleError(missing[0], "member missing")
@@ -85,6 +88,11 @@ def decode_sample(key: str, members: dict[str, bytes], image_size: int, tokenize
     ids = tokenizer.encode(text)
     if not ids:
         raise SampleError("txt", "caption encodes to no tokens")
+    return text, ids
+
+
+def decode_sample(key: str, members: dict[str, bytes], image_size: int, tokenizer: CaptionTokenizer) -> Sample:
+    text, ids = check_caption(members, tokenizer)
     try:
         image = decode_image(members["jpg"], image_size)
     except (OSError, ValueError, SyntaxError) as err:
@@ -128,17 +136,20 @@ class ShardDataset:
     """Samples of one split, decoded on the fly; corrupt ones skipped and recorded in ``skipped``.
 
     ``for s in ds`` runs epoch ``ds.epoch`` and then advances it; ``iter_epoch`` runs any epoch.
-    ``image_size`` and ``tokenizer`` default to the dataset's own.
+    ``image_size`` and ``tokenizer`` default to the dataset's own; ``num_threads`` > 1 decodes in a
+    thread pool (same order).
     """
 
     def __init__(self, path: str | Path, split: str, image_size: int | None = None,
-                 tokenizer: CaptionTokenizer | None = None, shuffle: bool = False, seed: int = 0) -> None:
+                 tokenizer: CaptionTokenizer | None = None, shuffle: bool = False, seed: int = 0,
+                 num_threads: int = 1) -> None:
         self.root = Path(path)
         self.entries = split_entries(self.root, split)
         self.shards = [self.root / e["path"] for e in self.entries]
         self.image_size = image_size or read_manifest(self.root)["image_size"]
         self.tokenizer = tokenizer or load_tokenizer(self.root)
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self.num_threads = num_threads
         self.skipped: list[Skipped] = []
 
     def __len__(self) -> int:
@@ -163,6 +174,19 @@ class ShardDataset:
 
     def iter_epoch(self, epoch: int, start: int = 0) -> Iterator[Sample]:
         """Samples of ``epoch`` after the first ``start`` entries of ``epoch_order(epoch)``."""
+        records = self.iter_records(epoch, start)
+        if self.num_threads <= 1:
+            decoded = (self.decode(*r) for r in records)
+            yield from (s for s in decoded if s is not None)
+            return
+        # PIL and libsndfile release the GIL while decoding; map keeps the order
+        records = prefetch(records)
+        with ThreadPoolExecutor(self.num_threads) as pool:
+            while chunk := list(islice(records, 16 * self.num_threads)):
+                yield from (s for s in pool.map(lambda r: self.decode(*r), chunk) if s is not None)
+
+    def iter_records(self, epoch: int, start: int = 0) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+        """Undecoded (shard index, key, members) in the order of ``epoch_order(epoch)[start:]``."""
         order = self.epoch_order(epoch)[start:]
         i = 0
         while i < len(order):
@@ -172,9 +196,7 @@ class ShardDataset:
                 j += 1
             records = self.read_records(shard)
             for _, pos in order[i:j]:
-                sample = self.decode(shard, *records[pos])
-                if sample is not None:
-                    yield sample
+                yield (shard, *records[pos])
             i = j
 
     def read_records(self, shard: int) -> list[tuple[str, dict[str, bytes]]]:
@@ -190,10 +212,14 @@ class ShardDataset:
         try:
             return decode_sample(key, members, self.image_size, self.tokenizer)
         except SampleError as err:
-            skipped = Skipped(self.shards[shard].name, key, err.member, str(err).split(": ", 1)[1])
-            self.skipped.append(skipped)
-            warnings.warn(f"skipping sample {skipped}", stacklevel=2)
+            self.skip(shard, key, err)
             return None
+
+    def skip(self, shard: int, key: str, err: SampleError) -> None:
+        """Record and warn about a bad sample."""
+        skipped = Skipped(self.shards[shard].name, key, err.member, str(err).split(": ", 1)[1])
+        self.skipped.append(skipped)
+        warnings.warn(f"skipping sample {skipped}", stacklevel=3)
 
     def batches(self, batch_size: int, drop_last: bool = False) -> Iterator[list[Sample]]:
         """Lists of ``batch_size`` samples from the current epoch."""

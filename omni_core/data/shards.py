@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import queue
 import tarfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,3 +65,44 @@ def read_shard(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
             raise ShardError(f"shard {path} is damaged after key {key!r}: {e}") from e
         if key is not None:
             yield key, members
+
+
+def prefetch(items: Iterator, depth: int = 64) -> Iterator:
+    """Run `items` in a background thread, up to `depth` ahead, so tar reading overlaps decoding.
+
+    Exceptions are re-raised in the consumer; when the consumer stops early the thread stops too.
+    """
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(entry: tuple) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+        except BaseException as err:  # handed to the consumer, raised there
+            put((None, err))
+            return
+        put((done, None))
+
+    threading.Thread(target=work, daemon=True).start()
+    try:
+        while True:
+            item, err = q.get()
+            if err is not None:
+                raise err
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
