@@ -182,5 +182,6 @@ def make_loader(path: str | Path, split: str, image_size: int | None = None,
     if backend == "dali" and not dali_available():
         raise ImportError("backend='dali' but NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
     if backend == "pil" or (backend == "auto" and not dali_available()):
-        return ShardDataset(path, split, image_size, tokenizer, shuffle, seed, num_threads=num_threads)
+        return ShardDataset(path, split, image_size, tokenizer, shuffle, seed, num_threads=num_threads,
+                            train_crop=split == "train")
     return DaliDataset(path, split, image_size, tokenizer, shuffle, seed, num_threads=num_threads)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import random
 import warnings
 from collections.abc import Iterator
@@ -61,10 +62,27 @@ class Skipped:
         return f"{self.shard}:{self.key}.{self.member}: {self.reason}"
 
 
-def decode_image(data: bytes, image_size: int) -> torch.Tensor:
-    """JPEG/PNG bytes → float32 [3, S, S], CLIP-normalised."""
+def crop_box(width: int, height: int, rng: random.Random, scale: tuple[float, float] = (0.9, 1.0),
+             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (as torchvision): area in `scale`, log-uniform aspect in `ratio`."""
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            x, y = rng.randint(0, width - w), rng.randint(0, height - h)
+            return x, y, x + w, y + h
+    return 0, 0, width, height
+
+
+def decode_image(data: bytes, image_size: int, crop_rng: random.Random | None = None) -> torch.Tensor:
+    """JPEG/PNG bytes → float32 [3, S, S], CLIP-normalised; with `crop_rng`, ONE-PEACE's train crop
+    (RandomResizedCrop, scale 0.9–1.0, bicubic) first."""
     with Image.open(io.BytesIO(data)) as img:
         img = img.convert("RGB")
+        if crop_rng is not None:
+            img = img.crop(crop_box(*img.size, crop_rng))
         if img.size != (image_size, image_size):
             img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
         pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
@@ -91,10 +109,11 @@ def check_caption(members: dict[str, bytes], tokenizer: CaptionTokenizer) -> tup
     return text, ids
 
 
-def decode_sample(key: str, members: dict[str, bytes], image_size: int, tokenizer: CaptionTokenizer) -> Sample:
+def decode_sample(key: str, members: dict[str, bytes], image_size: int, tokenizer: CaptionTokenizer,
+                  crop_rng: random.Random | None = None) -> Sample:
     text, ids = check_caption(members, tokenizer)
     try:
-        image = decode_image(members["jpg"], image_size)
+        image = decode_image(members["jpg"], image_size, crop_rng)
     except (OSError, ValueError, SyntaxError) as err:
         raise SampleError("jpg", f"corrupt image ({err})") from err
     try:
@@ -137,19 +156,20 @@ class ShardDataset:
 
     ``for s in ds`` runs epoch ``ds.epoch`` and then advances it; ``iter_epoch`` runs any epoch.
     ``image_size`` and ``tokenizer`` default to the dataset's own; ``num_threads`` > 1 decodes in a
-    thread pool (same order).
+    thread pool (same order); ``train_crop`` applies ONE-PEACE's RandomResizedCrop, drawn from
+    (seed, epoch, key).
     """
 
     def __init__(self, path: str | Path, split: str, image_size: int | None = None,
                  tokenizer: CaptionTokenizer | None = None, shuffle: bool = False, seed: int = 0,
-                 num_threads: int = 1) -> None:
+                 num_threads: int = 1, train_crop: bool = False) -> None:
         self.root = Path(path)
         self.entries = split_entries(self.root, split)
         self.shards = [self.root / e["path"] for e in self.entries]
         self.image_size = image_size or read_manifest(self.root)["image_size"]
         self.tokenizer = tokenizer or load_tokenizer(self.root)
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
-        self.num_threads = num_threads
+        self.num_threads, self.train_crop = num_threads, train_crop
         self.skipped: list[Skipped] = []
 
     def __len__(self) -> int:
@@ -176,14 +196,14 @@ class ShardDataset:
         """Samples of ``epoch`` after the first ``start`` entries of ``epoch_order(epoch)``."""
         records = self.iter_records(epoch, start)
         if self.num_threads <= 1:
-            decoded = (self.decode(*r) for r in records)
+            decoded = (self.decode(*r, epoch=epoch) for r in records)
             yield from (s for s in decoded if s is not None)
             return
         # PIL and libsndfile release the GIL while decoding; map keeps the order
         records = prefetch(records)
         with ThreadPoolExecutor(self.num_threads) as pool:
             while chunk := list(islice(records, 16 * self.num_threads)):
-                yield from (s for s in pool.map(lambda r: self.decode(*r), chunk) if s is not None)
+                yield from (s for s in pool.map(lambda r: self.decode(*r, epoch=epoch), chunk) if s is not None)
 
     def iter_records(self, epoch: int, start: int = 0) -> Iterator[tuple[int, str, dict[str, bytes]]]:
         """Undecoded (shard index, key, members) in the order of ``epoch_order(epoch)[start:]``."""
@@ -207,10 +227,12 @@ class ShardDataset:
                              f"{self.root / 'manifest.json'} lists {self.entries[shard]['num_samples']}")
         return records
 
-    def decode(self, shard: int, key: str, members: dict[str, bytes]) -> Sample | None:
+    def decode(self, shard: int, key: str, members: dict[str, bytes], epoch: int = 0) -> Sample | None:
         """The decoded sample, or None after warning and recording why it was skipped."""
         try:
-            return decode_sample(key, members, self.image_size, self.tokenizer)
+            # the crop depends on (seed, epoch, key) only: reproducible whatever the thread schedule
+            rng = random.Random(f"crop-{self.seed}-{epoch}-{key}") if self.train_crop else None
+            return decode_sample(key, members, self.image_size, self.tokenizer, rng)
         except SampleError as err:
             self.skip(shard, key, err)
             return None
