@@ -47,3 +47,15 @@ def test_oversized_sample_is_an_error_naming_it():
 def test_fixed_groups():
     assert [len(g) for g in fixed_groups(_mix(10), 4)] == [4, 4, 2]
     assert [len(g) for g in fixed_groups(_mix(10), 4, drop_last=True)] == [4, 4]
+
+
+def test_data_bench_json(dataset, capsys):
+    import json
+
+    from omni_core.data import bench
+
+    assert bench.main(["--data", str(dataset), "--repeats", "1", "--budget", "1024", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["fallback_samples_per_s"] > 0 and result["samples"] == 24
+    assert 0 < result["packing_efficiency"] <= 1
+    assert result["dali_cpu_samples_per_s"] is None or result["dali_cpu_samples_per_s"] > 0
