@@ -11,6 +11,8 @@ import tarfile
 import time
 from pathlib import Path
 
+import pytest
+
 from omni_core.eval.retrieval import evaluate
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count in every run: bitwise-equal math
@@ -92,3 +94,15 @@ def test_missing_dataset_and_unreadable_shard_are_clear_errors(dataset, tmp_path
     broken.write_bytes(b"this is not a tar archive")
     proc = subprocess.run(pretrain_cmd(data, tmp_path / "run2"), env=ENV, capture_output=True, text=True)
     assert proc.returncode != 0 and broken.name in proc.stderr
+
+
+def test_default_run_decodes_with_dali_and_packs_steps_to_the_budget(dataset, tmp_path):
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "omni_core.cli", "pretrain", "--data", str(dataset), "--out", str(run),
+                    "--steps", "3", "--token-budget", "400", "--no-progress"], check=True, env=ENV,
+                   capture_output=True)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["loader"] == "DaliDataset"
+    rows = metrics(run)
+    assert len(rows) == 3 and all(0 < int(r["tokens"]) <= 400 for r in rows)

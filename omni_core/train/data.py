@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from omni_core.data.loader import ShardDataset
+from omni_core.data.dali import make_loader
 from omni_core.data.sample import Sample
 from omni_core.data.tokenizer import load_tokenizer
 
@@ -20,6 +20,7 @@ from omni_core.data.tokenizer import load_tokenizer
 class SplitData:
     samples: list[Sample]
     skipped: list[str]
+    backend: str  # the decoder that produced them
 
 
 def load_split(data: str | Path, split: str, image_size: int, backend: str = "auto") -> SplitData:
@@ -27,6 +28,6 @@ def load_split(data: str | Path, split: str, image_size: int, backend: str = "au
     if not path.is_dir():
         raise FileNotFoundError(f"dataset directory {path} does not exist (run `omni data synth --out {path}`)")
     tokenizer = load_tokenizer(path)
-    dataset = ShardDataset(path, split, image_size=image_size, tokenizer=tokenizer, shuffle=False, seed=0)
+    dataset = make_loader(path, split, image_size=image_size, tokenizer=tokenizer, backend=backend)
     samples = list(dataset)
-    return SplitData(samples, [str(s) for s in dataset.skipped])
+    return SplitData(samples, [str(s) for s in dataset.skipped], type(dataset).__name__)

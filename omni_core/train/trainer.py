@@ -5,7 +5,8 @@ one stream and runs one forward pass. The loss aligns image↔text and audio↔t
 per-modality projection → L2 norm, a learnable logit scale initialised at 1/0.07 and
 clamped at 100, symmetric InfoNCE); image↔audio is never trained, so any image↔audio
 retrieval skill is emergent. AdamW (0.9, 0.98), weight decay 0.05, linear warmup then
-cosine decay, gradient clipping at 3.0; fp32 on CPU, bf16 autocast on GPU.
+cosine decay, gradient clipping at 3.0; fp32 on CPU, bf16 autocast on GPU. Steps are packed
+up to a token budget by the data layer's collator (or hold a fixed number of triplets).
 
 Runs are exactly resumable: the data order of epoch e is a permutation drawn from
 (seed, e); the checkpoint stores model, optimizer, RNG, step, data position and schedule.
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from omni_core.data.collator import PackingCollator, fixed_groups
 from omni_core.data.sample import Sample
 from omni_core.model.omni import AUDIO, IMAGE, TEXT, ModalInputs, OmniConfig, OmniModel, SegmentRef
 from omni_core.train.checkpoint import load_checkpoint, read_meta, save_checkpoint
@@ -44,7 +46,8 @@ class TrainArgs:
     out: str
     preset: str = "tiny"
     overrides: dict = field(default_factory=dict)
-    batch_size: int = 48
+    batch_size: int | None = None  # fixed samples per step; None: pack steps up to token_budget
+    token_budget: int = 2800
     lr: float = 2e-3
     min_lr_ratio: float = 0.02
     warmup_steps: int = 30
@@ -100,6 +103,24 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
 
 
+def sample_tokens(model: OmniModel, sample: Sample) -> int:
+    """Tokens a triplet puts through the encoder: text, image and audio, each with CLS."""
+    image = (model.cfg.image_size // 16) ** 2 + 1
+    return sample.token_ids.numel() + 1 + image + model.audio.num_frames(sample.audio.numel()) + 1
+
+
+def epoch_groups(model: OmniModel, samples: list[Sample], args: TrainArgs, epoch: int) -> list[list[Sample]]:
+    """The steps of an epoch: its sample order, drawn from (seed, epoch), cut into fixed
+    batches or packed up to the token budget (first-fit-decreasing). A pure function of
+    (seed, epoch), so a resumed run sees the same steps."""
+    ordered = [samples[i] for i in epoch_order(len(samples), args.seed, epoch).tolist()]
+    if args.batch_size:
+        groups = list(fixed_groups(ordered, args.batch_size, drop_last=True))
+    else:
+        groups = list(PackingCollator(args.token_budget, cost=lambda s: sample_tokens(model, s))(ordered))
+    return [g for g in groups if len(g) >= 2]  # a contrastive step needs negatives
+
+
 class MetricsLog:
     """CSV (and TensorBoard when available) metrics; on resume, rows past the checkpoint go."""
 
@@ -149,16 +170,14 @@ def train(args: TrainArgs) -> dict:
     model = OmniModel.from_preset(args.preset, device=device, **args.overrides)
     optimizer = make_optimizer(model, args)
     train_set = load_split(args.data, "train", model.cfg.image_size, args.loader)
-    if len(train_set.samples) < args.batch_size:
-        raise ValueError(f"{args.data}: {len(train_set.samples)} usable train samples, fewer than "
-                         f"one batch of {args.batch_size}")
+    if len(train_set.samples) < 2 * (args.batch_size or 1):
+        raise ValueError(f"{args.data}: only {len(train_set.samples)} usable train samples")
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "elapsed_s": 0.0}
     if args.resume:
         state = load_checkpoint(ckpt, model, optimizer)["state"]
     log = MetricsLog(out, state["step"] if args.resume else None)
     meta = {"args": asdict(args), "config": asdict(model.cfg)}
 
-    n_batches = len(train_set.samples) // args.batch_size
     # A step budget gives an exactly reproducible (and resumable) run; a time budget decays
     # the learning rate over the elapsed fraction of the budget and stops when it is spent.
     budget_s = args.minutes * 60 if args.minutes is not None else None
@@ -169,13 +188,12 @@ def train(args: TrainArgs) -> dict:
     model.train()
     done = False
     while not done:
-        order = epoch_order(len(train_set.samples), args.seed, state["epoch"])
-        for b in range(state["batch_in_epoch"], n_batches):
-            idx = order[b * args.batch_size:(b + 1) * args.batch_size].tolist()
+        groups = epoch_groups(model, train_set.samples, args, state["epoch"])
+        for b in range(state["batch_in_epoch"], len(groups)):
             progress = (state["step"] / args.steps if args.steps
                         else state["elapsed_s"] / budget_s)
             lr = learning_rate(args, state["step"], progress)
-            row = train_step(model, optimizer, lr, args.grad_clip, [train_set.samples[i] for i in idx], device)
+            row = train_step(model, optimizer, lr, args.grad_clip, groups[b], device)
             state["step"] += 1
             state["batch_in_epoch"] = b + 1
             state["tokens"] += row["tokens"]
@@ -199,7 +217,7 @@ def train(args: TrainArgs) -> dict:
     summary = {"steps": state["step"], "epochs": state["epoch"], "tokens": state["tokens"],
                "train_seconds": round(state["elapsed_s"], 1), "final_loss": row["loss"],
                "train_samples": len(train_set.samples), "skipped_samples": len(train_set.skipped),
-               "skipped": train_set.skipped}
+               "loader": train_set.backend, "skipped": train_set.skipped}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -217,8 +235,7 @@ def train_step(model: OmniModel, optimizer, lr: float, grad_clip: float, samples
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    tokens = sum(s.token_ids.numel() + 1 + model.audio.num_frames(s.audio.numel()) + 1 for s in samples)
-    tokens += len(samples) * ((model.cfg.image_size // 16) ** 2 + 1)
+    tokens = sum(sample_tokens(model, s) for s in samples)
     return {"loss": round(loss.item(), 5), "loss_image_text": round(loss_it.item(), 5),
             "loss_audio_text": round(loss_at.item(), 5), "lr": lr,
             "logit_scale": round(model.logit_scale.exp().clamp(max=100).item(), 3), "tokens": tokens}
@@ -245,18 +262,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--audio-front-end", choices=["conv", "mel"], help="override the preset's")
     p.add_argument("--steps", type=int, help="train this many steps")
     p.add_argument("--minutes", type=float, help="or train for this wall-clock budget")
-    p.add_argument("--batch-size", type=int, default=TrainArgs.batch_size)
+    step = p.add_mutually_exclusive_group()
+    step.add_argument("--token-budget", type=int, default=TrainArgs.token_budget,
+                      help="pack each step's triplets up to this many tokens (default)")
+    step.add_argument("--batch-size", type=int, help="or a fixed number of triplets per step")
     p.add_argument("--lr", type=float, default=TrainArgs.lr)
     p.add_argument("--warmup-steps", type=int, default=TrainArgs.warmup_steps)
     p.add_argument("--ckpt-every", type=int, default=TrainArgs.ckpt_every)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--loader", choices=["auto", "dali", "pil"], default="auto")
+    p.add_argument("--loader", choices=["auto", "dali", "pil"], default="auto",
+                   help="decoder: DALI when installed (auto), or PIL + soundfile")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     overrides = {"audio_front_end": a.audio_front_end} if a.audio_front_end else {}
     args = TrainArgs(data=a.data, out=a.out, preset=a.preset, overrides=overrides, batch_size=a.batch_size,
-                     lr=a.lr, warmup_steps=a.warmup_steps, seed=a.seed, steps=a.steps, minutes=a.minutes,
+                     token_budget=a.token_budget, lr=a.lr, warmup_steps=a.warmup_steps, seed=a.seed,
+                     steps=a.steps, minutes=a.minutes,
                      ckpt_every=a.ckpt_every, loader=a.loader, resume=a.resume, progress=not a.no_progress)
     summary = train(args)
     print(f"trained {summary['steps']} steps ({summary['epochs']} epochs, {summary['tokens']:,} tokens) "
