@@ -92,10 +92,11 @@ class DaliDataset:
 
     def __init__(self, path: str | Path, split: str, image_size: int | None = None,
                  tokenizer: CaptionTokenizer | None = None, shuffle: bool = False, seed: int = 0,
-                 num_threads: int = 2, gpu: bool | None = None, dali_batch: int = 32) -> None:
+                 num_threads: int = 2, gpu: bool | None = None, dali_batch: int = 32,
+                 train_crop: bool | None = None) -> None:
         self.source = ShardDataset(path, split, image_size, tokenizer, shuffle, seed)
         self.image_size, self.tokenizer = self.source.image_size, self.source.tokenizer
-        self.train = split == "train"
+        self.train = split == "train" if train_crop is None else train_crop
         self.gpu = dali_sees_gpu() if gpu is None else gpu
         self.num_threads, self.dali_batch, self.seed = num_threads, dali_batch, seed
         self.epoch = 0
@@ -171,8 +172,13 @@ class DaliDataset:
 
 def make_loader(path: str | Path, split: str, image_size: int | None = None,
                 tokenizer: CaptionTokenizer | None = None, shuffle: bool = False, seed: int = 0,
-                num_threads: int = 2, backend: str = "auto") -> ShardDataset | DaliDataset:
+                num_threads: int = 2, backend: str = "auto",
+                train_crop: bool | None = None) -> ShardDataset | DaliDataset:
     """DALI (GPU decoding when it sees a GPU, else CPU) when installed, else PIL + soundfile.
+
+    ``train_crop`` (default: on for the train split) applies ONE-PEACE's RandomResizedCrop;
+    a caller that decodes once and reuses the samples every epoch turns it off, since a crop
+    drawn once is a fixed distortion rather than an augmentation.
 
     Both yield `Sample`s in the order of `epoch_order`, expose `skipped`, `batches(n)` and
     `iter_epoch(epoch, start)`.
@@ -182,6 +188,8 @@ def make_loader(path: str | Path, split: str, image_size: int | None = None,
     if backend == "dali" and not dali_available():
         raise ImportError("backend='dali' but NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
     if backend == "pil" or (backend == "auto" and not dali_available()):
+        crop = split == "train" if train_crop is None else train_crop
         return ShardDataset(path, split, image_size, tokenizer, shuffle, seed, num_threads=num_threads,
-                            train_crop=split == "train")
-    return DaliDataset(path, split, image_size, tokenizer, shuffle, seed, num_threads=num_threads)
+                            train_crop=crop)
+    return DaliDataset(path, split, image_size, tokenizer, shuffle, seed, num_threads=num_threads,
+                       train_crop=train_crop)

@@ -28,6 +28,8 @@ def load_split(data: str | Path, split: str, image_size: int, backend: str = "au
     if not path.is_dir():
         raise FileNotFoundError(f"dataset directory {path} does not exist (run `omni data synth --out {path}`)")
     tokenizer = load_tokenizer(path)
-    dataset = make_loader(path, split, image_size=image_size, tokenizer=tokenizer, backend=backend)
+    # Decoded once and reused every epoch: a crop drawn once would only distort, so none.
+    dataset = make_loader(path, split, image_size=image_size, tokenizer=tokenizer, backend=backend,
+                          train_crop=False)
     samples = list(dataset)
     return SplitData(samples, [str(s) for s in dataset.skipped], type(dataset).__name__)
