@@ -18,6 +18,7 @@ import torch
 
 from omni_core.ops import dispatch
 from omni_core.ops.memo import memoised
+from omni_core.ops.packing import check_cu_seqlens
 
 OP = "varlen_attention"
 
@@ -56,20 +57,7 @@ def validate_varlen_attention(
         raise ValueError(f"tensors are on different devices: {devices}")
 
     T = q.shape[0]
-    if cu_seqlens.dtype != torch.int32:
-        raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be 1-D [B+1] with B >= 1, got {tuple(cu_seqlens.shape)}")
-    cu = cu_seqlens.tolist()
-    if cu[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
-    if any(b < a for a, b in zip(cu, cu[1:])):
-        raise ValueError("cu_seqlens must be non-decreasing")
-    if cu[-1] != T:
-        raise ValueError(f"cu_seqlens ends at {cu[-1]} but q holds T={T} tokens")
-    longest = max(b - a for a, b in zip(cu, cu[1:]))
-    if int(max_seqlen) < longest:
-        raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence ({longest})")
+    check_cu_seqlens(cu_seqlens, T, max_seqlen, "q")
 
     given = [n for n, t in optional.items() if t is not None]
     if not given:

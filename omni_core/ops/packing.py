@@ -118,25 +118,32 @@ class PackedBatch:
                    num_modalities, tuple(spans))
 
 
-def _validate(b: PackedBatch) -> None:
-    if not isinstance(b.x, torch.Tensor) or b.x.dim() < 1:
-        raise ValueError("x must be a tensor [T, ...]")
-    T = b.x.shape[0]
-    cu = b.cu_seqlens
-    if cu.dtype != torch.int32:
-        raise TypeError(f"cu_seqlens must be int32, got {cu.dtype}")
-    if cu.dim() != 1 or cu.numel() < 2:
-        raise ValueError(f"cu_seqlens must be 1-D [B+1] with B >= 1, got shape {tuple(cu.shape)}")
-    bounds = cu.tolist()
+def check_cu_seqlens(cu_seqlens: torch.Tensor, T: int, max_seqlen: int, holder: str) -> None:
+    """``cu_seqlens`` must be int32 ``[B+1]``, start at 0, never decrease and end at ``T``
+    (the token count of ``holder``); ``max_seqlen`` must cover the longest sequence."""
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D [B+1] with B >= 1, got shape {tuple(cu_seqlens.shape)}")
+    bounds = cu_seqlens.tolist()
     if bounds[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
     if any(b1 < b0 for b0, b1 in zip(bounds, bounds[1:])):
         raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
     if bounds[-1] != T:
-        raise ValueError(f"sequence lengths add up to {bounds[-1]} but x holds {T} tokens")
+        raise ValueError(f"cu_seqlens ends at {bounds[-1]} (the sequence lengths add up to {bounds[-1]}) "
+                         f"but {holder} holds T={T} tokens")
     longest = max(b1 - b0 for b0, b1 in zip(bounds, bounds[1:]))
-    if b.max_seqlen < longest:
-        raise ValueError(f"max_seqlen={b.max_seqlen} is smaller than the longest sequence ({longest})")
+    if int(max_seqlen) < longest:
+        raise ValueError(f"max_seqlen={max_seqlen} is smaller than the longest sequence ({longest})")
+
+
+def _validate(b: PackedBatch) -> None:
+    if not isinstance(b.x, torch.Tensor) or b.x.dim() < 1:
+        raise ValueError("x must be a tensor [T, ...]")
+    T = b.x.shape[0]
+    cu = b.cu_seqlens
+    check_cu_seqlens(cu, T, b.max_seqlen, "x")
     if b.modality.shape != (T,) or b.modality.dtype.is_floating_point or b.modality.dtype == torch.bool:
         raise TypeError(f"modality must be an integer tensor [T={T}], got {tuple(b.modality.shape)} {b.modality.dtype}")
     if T and (int(b.modality.min()) < 0 or int(b.modality.max()) >= b.num_modalities):
