@@ -188,3 +188,17 @@ def test_reference_runs_in_every_dtype():
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
         q, k, v, cu, L, *_ = random_pack((3, 2), dtype=dtype)
         assert ops.varlen_attention(q, k, v, cu, L).dtype == dtype
+
+
+def test_layout_checks_rerun_after_an_in_place_edit():
+    """Value checks run once per batch, but editing a layout tensor in place re-checks it."""
+    q, k, v, cu, L, table, lut, modality, position = random_pack((4, 6))
+    bias = dict(bias_table=table, bias_lut=lut, modality=modality, position=position)
+    ops.varlen_attention(q, k, v, cu, L, **bias)
+    position[0] = 12
+    with pytest.raises(ValueError, match="positions must lie"):
+        ops.varlen_attention(q, k, v, cu, L, **bias)
+    position[0] = 0
+    cu[1] = 7
+    with pytest.raises(ValueError, match="non-decreasing|max_seqlen"):
+        ops.varlen_attention(q, k, v, cu, L, **bias)

@@ -57,7 +57,9 @@ def validate_varlen_attention(
         raise ValueError(f"tensors are on different devices: {devices}")
 
     T = q.shape[0]
-    check_cu_seqlens(cu_seqlens, T, max_seqlen, "q")
+    # Value checks read the layout tensors back to the host: once per batch, not per layer.
+    memoised(("checked cu_seqlens", T, int(max_seqlen)), (cu_seqlens,),
+             lambda: check_cu_seqlens(cu_seqlens, T, max_seqlen, "q"))
 
     given = [n for n, t in optional.items() if t is not None]
     if not given:
@@ -76,11 +78,16 @@ def validate_varlen_attention(
         raise ValueError(f"modality must be an integer [T={T}] tensor, got {tuple(modality.shape)} {modality.dtype}")
     if position.shape != (T,) or position.dtype != torch.int32:
         raise ValueError(f"position must be int32 [T={T}], got {tuple(position.shape)} {position.dtype}")
-    M, P = bias_lut.shape[0], bias_lut.shape[1]
     NB = bias_table.shape[0]
-    if T and (int(modality.min()) < 0 or int(modality.max()) >= M):
+    memoised(("checked bias layout", NB), (modality, position, bias_lut),
+             lambda: _check_bias_layout(modality, position, bias_lut, NB))
+
+
+def _check_bias_layout(modality: torch.Tensor, position: torch.Tensor, bias_lut: torch.Tensor, NB: int) -> None:
+    M, P = bias_lut.shape[0], bias_lut.shape[1]
+    if modality.numel() and (int(modality.min()) < 0 or int(modality.max()) >= M):
         raise ValueError(f"modality ids must lie in [0, {M}) (bias_lut has M={M})")
-    if T and (int(position.min()) < 0 or int(position.max()) >= P):
+    if position.numel() and (int(position.min()) < 0 or int(position.max()) >= P):
         raise ValueError(
             f"positions must lie in [0, {P}) (bias_lut is [M, {P}, {P}]), "
             f"got min {int(position.min())} max {int(position.max())}"

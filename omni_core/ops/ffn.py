@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from omni_core.ops import dispatch
+from omni_core.ops.memo import memoised
 from omni_core.ops.routing import routing_plan
 
 OP = "routed_ffn"
@@ -68,7 +69,12 @@ def validate_routed_ffn(
         raise ValueError(f"tensors are on different devices: {devices}")
     if modality.shape != (T,) or modality.dtype.is_floating_point or modality.dtype == torch.bool:
         raise ValueError(f"modality must be an integer [T={T}] tensor, got {tuple(modality.shape)} {modality.dtype}")
-    if T and (int(modality.min()) < 0 or int(modality.max()) >= M):
+    # Reads modality back to the host: once per batch, not per layer.
+    memoised(("checked ffn modality", M), (modality,), lambda: _check_modality_range(modality, M))
+
+
+def _check_modality_range(modality: torch.Tensor, M: int) -> None:
+    if modality.numel() and (int(modality.min()) < 0 or int(modality.max()) >= M):
         raise ValueError(
             f"modality ids must lie in [0, {M}) (the weights hold M={M} FFNs), "
             f"got min {int(modality.min())} max {int(modality.max())}"
