@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from omni_core.data.audio import MAX_SECONDS, MIN_SECONDS, SAMPLE_RATE, fit_length, normalise
+from omni_core.data.collator import fixed_groups
 from omni_core.data.loader import CLIP_MEAN, CLIP_STD, SampleError, ShardDataset, check_caption
 from omni_core.data.sample import Sample
 from omni_core.data.shards import prefetch
@@ -160,14 +161,8 @@ class DaliDataset:
         return out
 
     def batches(self, batch_size: int, drop_last: bool = False) -> Iterator[list[Sample]]:
-        batch: list[Sample] = []
-        for sample in self:
-            batch.append(sample)
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
-        if batch and not drop_last:
-            yield batch
+        """Lists of ``batch_size`` samples from the current epoch."""
+        return fixed_groups(self, batch_size, drop_last)
 
 
 def make_loader(path: str | Path, split: str, image_size: int | None = None,
@@ -187,9 +182,9 @@ def make_loader(path: str | Path, split: str, image_size: int | None = None,
         raise ValueError(f"unknown data backend {backend!r}; choose one of {BACKENDS}")
     if backend == "dali" and not dali_available():
         raise ImportError("backend='dali' but NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
+    crop = split == "train" if train_crop is None else train_crop
     if backend == "pil" or (backend == "auto" and not dali_available()):
-        crop = split == "train" if train_crop is None else train_crop
         return ShardDataset(path, split, image_size, tokenizer, shuffle, seed, num_threads=num_threads,
                             train_crop=crop)
     return DaliDataset(path, split, image_size, tokenizer, shuffle, seed, num_threads=num_threads,
-                       train_crop=train_crop)
+                       train_crop=crop)

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from omni_core.data.audio import SAMPLE_RATE, decode_audio, fit_length, normalise, resample
+from omni_core.data.collator import fixed_groups
 from omni_core.data.sample import Sample
 from omni_core.data.shards import prefetch, read_shard
 from omni_core.data.tokenizer import CaptionTokenizer, load_tokenizer
@@ -245,14 +246,7 @@ class ShardDataset:
 
     def batches(self, batch_size: int, drop_last: bool = False) -> Iterator[list[Sample]]:
         """Lists of ``batch_size`` samples from the current epoch."""
-        batch: list[Sample] = []
-        for sample in self:
-            batch.append(sample)
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
-        if batch and not drop_last:
-            yield batch
+        return fixed_groups(self, batch_size, drop_last)
 
 
 def load_eval_split(path: str | Path, image_size: int | None = None,
