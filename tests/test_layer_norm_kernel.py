@@ -94,23 +94,22 @@ def test_custom_op_registration():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-def test_wrong_weight_shape_fails_before_launch(monkeypatch):
+@pytest.fixture
+def triton_without_launch(monkeypatch):
+    """Force the Triton backend with a launcher that fails the test if it is ever reached."""
     monkeypatch.setenv("OMNI_BACKEND", "triton")
 
     def no_launch(*_args):
         raise AssertionError("a kernel launched for invalid input")
 
     monkeypatch.setattr(ln_kernels, "layer_norm_fwd_grouped", no_launch)
+
+
+def test_wrong_weight_shape_fails_before_launch(triton_without_launch):
     with pytest.raises(ValueError, match=r"weight must be \[40\]"):
         layer_norm(torch.randn(9, 40), torch.randn(41))
 
 
-def test_weight_on_another_device_fails_before_launch(monkeypatch):
-    monkeypatch.setenv("OMNI_BACKEND", "triton")
-
-    def no_launch(*_args):
-        raise AssertionError("a kernel launched for invalid input")
-
-    monkeypatch.setattr(ln_kernels, "layer_norm_fwd_grouped", no_launch)
+def test_weight_on_another_device_fails_before_launch(triton_without_launch):
     with pytest.raises(ValueError, match=r"weight is on meta but x is on cpu"):
         layer_norm(torch.randn(9, 40), torch.empty(40, device="meta"))

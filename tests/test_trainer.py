@@ -73,7 +73,7 @@ def test_corrupt_samples_are_skipped_and_counted(dataset, tmp_path):
     bad_image = _rewrite_member(shards[0], ".jpg", lambda b: b"\xff\xd8 not a jpeg " + b[:40])
     bad_audio = _rewrite_member(shards[1], ".flac", lambda b: b[: len(b) // 3])
     run = tmp_path / "run"
-    proc = subprocess.run(pretrain_cmd(data, run)[:-1] + ["--no-progress"], env=ENV, capture_output=True,
+    proc = subprocess.run(pretrain_cmd(data, run), env=ENV, capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((run / "summary.json").read_text())
