@@ -77,6 +77,130 @@ def test_bias_applies_only_within_one_modality():
     torch.testing.assert_close(out[3:, 0], v[:, 0].mean(0).expand(3, 4))  # image: uniform, no bias
 
 
+def dense_modes(q, k, v, cu_q, cu_k, scale, causal, table=None, lut=None, modality=None, position=None):
+    """Sequence by sequence, heads repeated for grouped queries, explicit masks: the contract's
+    modes written out plainly. Returns (out, lse [H, Tq])."""
+    H, G = q.shape[1], q.shape[1] // k.shape[1]
+    outs, lses = [], []
+    for b in range(cu_q.numel() - 1):
+        q0, q1, k0, k1 = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
+        qb = q[q0:q1]
+        kb, vb = (t[k0:k1].repeat_interleave(G, dim=1) for t in (k, v))
+        logits = torch.einsum("ihd,jhd->hij", qb, kb) * scale
+        if table is not None:
+            m, p = modality[q0:q1].long(), position[q0:q1].long()
+            entry = lut[m[:, None], p[:, None], p[None, :]].long()
+            use = (m[:, None] == m[None, :]) & (entry >= 0)
+            logits = logits + torch.where(use[None], table[entry.clamp(min=0)].permute(2, 0, 1), 0.0)
+        Lq, Lk = q1 - q0, k1 - k0
+        if causal:
+            allowed = torch.arange(Lk)[None, :] <= torch.arange(Lq)[:, None] + (Lk - Lq)
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        lse = torch.logsumexp(logits, -1) if Lk else torch.full((H, Lq), float("-inf"), dtype=q.dtype)
+        probs = torch.nan_to_num(torch.softmax(logits, -1), nan=0.0)  # rows without keys: 0
+        outs.append(torch.einsum("hij,jhd->ihd", probs, vb))
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+MODE_CASES = {  # name: (query lengths, key lengths or None for self-attention, H, Hk, causal, bias)
+    "causal_self": ((5, 1, 7, 3), None, 2, 2, True, False),
+    "causal_bias": ((5, 1, 7, 3), None, 2, 2, True, True),
+    "cross_empty_keys": ((4, 3, 5), (6, 0, 2), 2, 2, False, False),
+    "causal_lq_gt_lk": ((7, 4, 2), (3, 0, 5), 2, 1, True, False),
+    "causal_lq_lt_lk": ((2, 1, 4), (9, 5, 4), 4, 2, True, False),
+    "gqa_8_to_2": ((3, 6), None, 8, 2, False, False),
+    "mqa_4_to_1_bias": ((3, 6), None, 4, 1, False, True),
+}
+
+
+@pytest.mark.parametrize("case", list(MODE_CASES))
+def test_varlen_attention_modes_match_dense(case):
+    q_lens, k_lens, H, Hk, causal, with_bias = MODE_CASES[case]
+    q, _, _, cu, L, table, lut, modality, position = random_pack(q_lens, H=H)
+    cross = k_lens is not None
+    k_lens = k_lens or q_lens
+    k, v = (torch.randn(sum(k_lens), Hk, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    cu_k = torch.tensor([0, *torch.tensor(k_lens).cumsum(0).tolist()], dtype=torch.int32)
+    kwargs = dict(causal=causal, return_lse=True)
+    if cross:
+        kwargs.update(cu_seqlens_k=cu_k, max_seqlen_k=max(k_lens))
+    bias = (table, lut, modality, position) if with_bias else ()
+    if with_bias:
+        kwargs.update(bias_table=table, bias_lut=lut, modality=modality, position=position)
+    out, lse = ops.varlen_attention(q, k, v, cu, L, **kwargs)
+    ref, ref_lse = dense_modes(q, k, v, cu, cu_k, 1 / math.sqrt(8), causal, *bias)
+    assert lse.shape == (H, q.shape[0]) and lse.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-12, atol=1e-12)
+    leaves = (q, k, v, table) if with_bias else (q, k, v)
+    go = torch.randn_like(out)
+    for g, w in zip(torch.autograd.grad(out, leaves, go), torch.autograd.grad(ref, leaves, go)):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_varlen_attention_rows_without_keys_are_zero_with_finite_gradients():
+    q = torch.randn(5, 2, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 1, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    cu, cu_k = torch.tensor([0, 2, 5], dtype=torch.int32), torch.tensor([0, 0, 2], dtype=torch.int32)
+    out, lse = ops.varlen_attention(q, k, v, cu, 3, cu_seqlens_k=cu_k, max_seqlen_k=2, causal=True,
+                                    return_lse=True)
+    # sequence 0 has no keys; in sequence 1 (Lq=3, Lk=2) query 0 sees no key (j <= 0 - 1)
+    assert torch.equal(out[[0, 1, 2]], torch.zeros(3, 2, 8, dtype=torch.float64))
+    assert torch.isneginf(lse[:, [0, 1, 2]]).all() and torch.isfinite(lse[:, [3, 4]]).all()
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+    def f(q, k, v):
+        return ops.varlen_attention(q, k, v, cu, 3, cu_seqlens_k=cu_k, max_seqlen_k=2, causal=True)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(cu_seqlens_k=torch.tensor([0, 10], dtype=torch.int32), max_seqlen_k=10), r"B\+1=3"),
+    (dict(cu_seqlens_k=torch.tensor([0, 4, 10], dtype=torch.int32)), "max_seqlen_k is required"),
+    (dict(k=torch.randn(10, 3, 8, dtype=torch.float64), v=torch.randn(10, 3, 8, dtype=torch.float64)),
+     "must divide"),
+])
+def test_varlen_attention_rejects_bad_modes(change, message):
+    q, k, v, cu, L, *_ = random_pack((4, 6))
+    args = dict(k=k, v=v)
+    args.update(change)
+    with pytest.raises((ValueError, TypeError), match=message):
+        ops.varlen_attention(q, args.pop("k"), args.pop("v"), cu, L, **args)
+
+
+def test_bias_with_cu_seqlens_k_is_a_clear_error():
+    q, k, v, cu, L, table, lut, modality, position = random_pack((4, 6))
+    with pytest.raises(ValueError, match="self-attention feature: bias_table"):
+        ops.varlen_attention(q, k, v, cu, L, cu_seqlens_k=cu, max_seqlen_k=L, bias_table=table, bias_lut=lut,
+                             modality=modality, position=position)
+
+
+def test_modes_a_backend_lacks_run_on_the_reference(monkeypatch):
+    """The dispatch rule: a mode the chosen backend does not list in ``modes`` runs on the
+    reference, unless that backend was forced (then it is an error naming the mode)."""
+    from omni_core.ops import dispatch
+
+    calls = []
+
+    def plain_backend(*args):
+        calls.append(len(args))
+        return ops.varlen_attention_reference(*args)
+
+    monkeypatch.setitem(dispatch._LOADERS, ("varlen_attention", "native"), lambda: plain_backend)
+    monkeypatch.delenv("OMNI_BACKEND", raising=False)
+    q, k, v, cu, L, *_ = random_pack((4, 6))
+    ops.varlen_attention(q, k, v, cu, L)
+    assert calls == [10]
+    ops.varlen_attention(q, k, v, cu, L, causal=True)
+    assert calls == [10]
+    monkeypatch.setenv("OMNI_BACKEND", "native")
+    with pytest.raises(BackendUnavailable, match="does not implement causal, lse"):
+        ops.varlen_attention(q, k, v, cu, L, causal=True, return_lse=True)
+
+
 def naive_routed_ffn(x, modality, w_in, w_out, b_in, b_out, w_gate, ln_w, ln_b, eps=1e-5):
     """Run every modality's FFN on every token, then keep each token's own result."""
     u = torch.einsum("td,mdf->mtf", x, w_in) + (b_in[:, None] if b_in is not None else 0)
