@@ -61,7 +61,7 @@ def model_info(argv: list[str]) -> int:
     print(f"ffn           {ffn} {cfg.ffn_hidden} x 3 modalities{' + sub-LN' if cfg.sub_ln else ''}")
     print(f"image         {cfg.image_size} px, {(cfg.image_size // 16) ** 2 + 1} tokens")
     print(f"audio         {cfg.audio_front_end} front end, 50 frames/s, up to {cfg.audio_max_frames} frames")
-    print(f"text          vocab {cfg.vocab_size}, up to {cfg.text_max_len} tokens + CLS")
+    print(f"text          vocab {cfg.vocab_size}, up to {cfg.text_positions - 1} tokens (EOS included) + CLS")
     return 0
 
 

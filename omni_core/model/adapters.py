@@ -1,7 +1,9 @@
-"""Modality adapters: raw inputs → per-sample token embeddings ``[L, D]`` (CLS first).
+"""Modality adapters: raw inputs → per-sample token embeddings ``[L, D]`` (CLS first),
+each holding its modality's relative-position table (``bias_table``, shared by all layers).
 
-Each adapter works on a whole batch of its modality at once and returns one tensor per
-sample, so a sample embedded once can appear in several views of a step.
+They follow ONE-PEACE's released adapters (``/work/shared/ONE-PEACE.md`` §3-§5). Each works
+on a whole batch of its modality at once and returns one tensor per sample, so a sample
+embedded once can appear in several views of a step.
 """
 
 from __future__ import annotations
@@ -14,17 +16,26 @@ from torch import nn
 
 from omni_core import ops
 
+# ONE-PEACE's audio feature extractor: (kernel, stride) per conv, total stride 320 (20 ms).
+ONE_PEACE_AUDIO_CONVS = ((10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2))
+
+
+def _trunc_normal(*shape: int) -> nn.Parameter:
+    return nn.Parameter(nn.init.trunc_normal_(torch.empty(*shape), std=0.02))
+
 
 class TextAdapter(nn.Module):
-    """Token embedding, a learned CLS and learned absolute positions."""
+    """[CLS] + token embeddings, plus learned absolute positions (CLS takes row 0, the
+    first token row 1). Token ids are BPE ids ending with EOS (the tokenizer appends it)."""
 
-    def __init__(self, vocab_size: int, dim: int, max_len: int) -> None:
+    def __init__(self, vocab_size: int, dim: int, positions: int, heads: int, bucket: int) -> None:
         super().__init__()
-        self.vocab_size, self.max_len = vocab_size, max_len
+        self.vocab_size, self.max_len = vocab_size, positions - 1
         self.embed = nn.Embedding(vocab_size, dim)
-        self.cls = nn.Parameter(torch.zeros(dim))
-        self.pos = nn.Parameter(torch.randn(max_len + 1, dim) * 0.02)
-        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.trunc_normal_(self.embed.weight, std=0.02)
+        self.cls = _trunc_normal(dim)
+        self.pos = _trunc_normal(positions, dim)
+        self.bias_table = nn.Parameter(torch.zeros(2 * bucket + 2, heads))
 
     def num_tokens(self, ids: torch.Tensor) -> int:
         return ids.numel() + 1
@@ -32,7 +43,7 @@ class TextAdapter(nn.Module):
     def forward(self, ids: list[torch.Tensor]) -> list[torch.Tensor]:
         if not ids:
             return []
-        flat = torch.cat(ids)
+        flat = torch.cat([t.flatten() for t in ids])
         if flat.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"text token ids must be int32/int64, got {flat.dtype}")
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.vocab_size):
@@ -47,9 +58,9 @@ class TextAdapter(nn.Module):
 
 class ImageAdapter(nn.Module):
     """hMLP stem (conv 4/4 → LN → GELU → conv 2/2 → LN → GELU → conv 2/2: 16-pixel
-    patches), a learned CLS and learned absolute positions."""
+    patches, row-major), a learned CLS and learned absolute positions (row 0 = CLS)."""
 
-    def __init__(self, image_size: int, dim: int, stem_channels: int) -> None:
+    def __init__(self, image_size: int, dim: int, stem_channels: int, heads: int) -> None:
         super().__init__()
         if image_size % 16:
             raise ValueError(f"image_size must be a multiple of 16 (the patch size), got {image_size}")
@@ -61,8 +72,9 @@ class ImageAdapter(nn.Module):
         self.conv2 = nn.Conv2d(c, c, 2, stride=2)
         self.norm2 = nn.LayerNorm(c)
         self.conv3 = nn.Conv2d(c, dim, 2, stride=2)
-        self.cls = nn.Parameter(torch.zeros(dim))
-        self.pos = nn.Parameter(torch.randn(self.grid**2 + 1, dim) * 0.02)
+        self.cls = _trunc_normal(dim)
+        self.pos = _trunc_normal(self.grid**2 + 1, dim)
+        self.bias_table = nn.Parameter(torch.zeros((2 * self.grid - 1) ** 2 + 3, heads))
 
     @staticmethod
     def _channel_ln(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
@@ -84,54 +96,60 @@ class ImageAdapter(nn.Module):
 
 
 class AudioAdapter(nn.Module):
-    """Audio front end on 16 kHz waveforms → 50 frames/s, LN + Linear, a convolutional
-    positional embedding, and a learned CLS.
+    """Audio front end on 16 kHz waveforms → frames, LN + Linear (the features ``f``), a
+    learned CLS, and ONE-PEACE's convolutional positional embedding.
 
-    ``front_end="conv"`` is ONE-PEACE's wav2vec2-style extractor on the raw waveform
-    (kernels 10,3,3,3,3,2,2; strides 5,2,2,2,2,2,2: stride 320). ``front_end="mel"`` is a
+    ``forward`` returns ``[cls; f]`` per clip WITHOUT positions: the positional stack
+    depends on which frames a view keeps (ONE-PEACE runs it after masking, over the kept
+    frames only), so :meth:`add_positions` runs it per packed segment.
+
+    ``front_end="conv"`` is ONE-PEACE's extractor on the raw waveform (``conv_layers``
+    (kernel, stride) pairs, each conv without bias → LN over channels → GELU; stride 320).
+    ``front_end="mel"`` (not in ONE-PEACE; the ``tiny`` preset uses it for speed) is a
     64-bin log-mel spectrogram (25 ms window, 10 ms hop) followed by ``mel_downsample``
-    stride-2 convs (1: 50 frames/s as ONE-PEACE; 3: 12.5 frames/s, 4x fewer audio tokens).
-    Per-frame LayerNorms (no norm across time) and zeroed padding frames make a padded
-    batch give exactly the per-clip result, so clips of any length batch together.
+    stride-2 convs. The front ends are causal-free of padding: a valid frame reads only
+    its clip's samples, so a zero-padded batch gives each clip its own features.
     """
 
-    CONV_LAYERS = ((10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2))
     SAMPLE_RATE, N_MELS, WIN, HOP = 16000, 64, 400, 160
 
-    def __init__(self, dim: int, channels: int, front_end: str = "conv", pos_kernel: int = 31,
-                 pos_groups: int = 8, mel_downsample: int = 1) -> None:
+    def __init__(self, dim: int, heads: int, bucket: int, channels: int, front_end: str = "conv",
+                 conv_layers: tuple[tuple[int, int], ...] = ONE_PEACE_AUDIO_CONVS, pos_depth: int = 5,
+                 pos_width: int = 95, pos_groups: int = 16, mel_downsample: int = 1,
+                 max_frames: int = 750) -> None:
         super().__init__()
         if front_end not in ("conv", "mel"):
             raise ValueError(f"front_end must be 'conv' or 'mel', got {front_end!r}")
-        self.front_end = front_end
+        self.front_end, self.max_frames = front_end, max_frames
         if front_end == "conv":
-            layers = self.CONV_LAYERS
-            in_ch = [1] + [channels] * (len(layers) - 1)
+            self.conv_layers = tuple(tuple(layer) for layer in conv_layers)
+            in_ch = [1] + [channels] * (len(self.conv_layers) - 1)
             self.convs = nn.ModuleList(nn.Conv1d(i, channels, k, stride=s, bias=False)
-                                       for i, (k, s) in zip(in_ch, layers))
-            self.norms = nn.ModuleList(nn.LayerNorm(channels) for _ in layers)
+                                       for i, (k, s) in zip(in_ch, self.conv_layers))
         else:
+            self.conv_layers = ((3, 2),) * mel_downsample
             self.register_buffer("mel_fb", mel_filterbank(self.N_MELS, self.WIN, self.SAMPLE_RATE),
                                  persistent=False)
             self.register_buffer("window", torch.hann_window(self.WIN, periodic=True), persistent=False)
             in_ch = [self.N_MELS] + [channels] * (mel_downsample - 1)
             self.convs = nn.ModuleList(nn.Conv1d(i, channels, 3, stride=2) for i in in_ch)
-            self.norms = nn.ModuleList(nn.LayerNorm(channels) for _ in in_ch)
+        self.norms = nn.ModuleList(nn.LayerNorm(channels) for _ in self.convs)
         self.proj_norm = nn.LayerNorm(channels)
         self.proj = nn.Linear(channels, dim)
-        self.pos_conv = nn.Conv1d(dim, dim, pos_kernel, padding=pos_kernel // 2, groups=pos_groups)
-        self.cls = nn.Parameter(torch.zeros(dim))
+        k = max(3, pos_width // pos_depth)
+        self.pos_convs = nn.ModuleList(nn.Conv1d(dim, dim, k, padding=k // 2, groups=pos_groups)
+                                       for _ in range(pos_depth))
+        self.cls = _trunc_normal(dim)
+        self.cls_pos = _trunc_normal(dim)
+        self.bias_table = nn.Parameter(torch.zeros(2 * bucket + 2, heads))
 
     def num_frames(self, num_samples: int) -> int:
         """Frames (without CLS) produced for a clip of ``num_samples`` samples."""
         n = num_samples
-        if self.front_end == "conv":
-            for k, s in self.CONV_LAYERS:
-                n = (n - k) // s + 1
-        else:
+        if self.front_end == "mel":
             n = (n - self.WIN) // self.HOP + 1
-            for _ in self.convs:
-                n = (n - 3) // 2 + 1
+        for k, s in self.conv_layers:
+            n = (n - k) // s + 1
         return max(n, 0)
 
     def features(self, padded: torch.Tensor) -> torch.Tensor:
@@ -148,6 +166,7 @@ class AudioAdapter(nn.Module):
         return x.transpose(1, 2)
 
     def forward(self, waves: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``[cls; f]`` per clip (no positions: see :meth:`add_positions`)."""
         if not waves:
             return []
         lengths = [self.num_frames(w.numel()) for w in waves]
@@ -155,13 +174,37 @@ class AudioAdapter(nn.Module):
         if short:
             raise ValueError(f"audio clips {short} are too short to give one frame "
                              f"(need at least {self.min_samples()} samples)")
-        padded = nn.utils.rnn.pad_sequence([w.float().flatten() for w in waves], batch_first=True)
+        long = [i for i, n in enumerate(lengths) if n > self.max_frames]
+        if long:
+            raise ValueError(f"audio clips {long} give more than {self.max_frames} frames "
+                             f"(crop them to 15 s as ONE-PEACE does)")
+        dtype = self.proj.weight.dtype
+        padded = nn.utils.rnn.pad_sequence([w.to(dtype).flatten() for w in waves], batch_first=True)
         feats = self.features(padded)
         x = self.proj(ops.layer_norm(feats, self.proj_norm.weight, self.proj_norm.bias, self.proj_norm.eps))
-        valid = torch.arange(x.shape[1], device=x.device)[None, :] < torch.tensor(lengths, device=x.device)[:, None]
-        x = x * valid[..., None]  # padding frames must not leak into the positional conv
-        x = x + F.gelu(self.pos_conv(x.transpose(1, 2)).transpose(1, 2))
         return [torch.cat([self.cls[None], x[i, :n]]) for i, n in enumerate(lengths)]
+
+    def add_positions(self, segments: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``[cls; f_1..f_n]`` → ``[cls + cls_pos; f + p(f)]`` per segment, where ``p`` is the
+        positional stack (``depth`` × grouped Conv1d → LayerNorm without affine → GELU, not
+        residual) run over that segment's frames alone. ONE-PEACE runs it after masking, so a
+        masked view passes only its kept frames. One batched call: frames beyond a segment's
+        end are re-zeroed after every block, so each segment sees the zero padding it has alone.
+        """
+        if not segments:
+            return []
+        lengths = torch.tensor([s.shape[0] - 1 for s in segments], device=segments[0].device)
+        frames = nn.utils.rnn.pad_sequence([s[1:] for s in segments], batch_first=True)  # [N, L, D]
+        valid = (torch.arange(frames.shape[1], device=frames.device)[None, :] < lengths[:, None])[..., None]
+        p = frames.transpose(1, 2)
+        for conv in self.pos_convs:
+            p = conv(p)
+            if conv.kernel_size[0] % 2 == 0:  # ONE-PEACE's SamePad: even kernels give one frame too many
+                p = p[:, :, :-1]
+            p = F.gelu(F.layer_norm(p.transpose(1, 2), (p.shape[1],)) * valid).transpose(1, 2)
+        x = frames + p.transpose(1, 2)
+        return [torch.cat([(s[0] + self.cls_pos)[None], x[i, :n]])
+                for i, (s, n) in enumerate(zip(segments, lengths.tolist()))]
 
     def min_samples(self) -> int:
         n = 1
@@ -185,4 +228,3 @@ def mel_filterbank(n_mels: int, n_fft: int, sample_rate: int) -> torch.Tensor:
     rising = (freqs[:, None] - lower) / (centre - lower)
     falling = (upper - freqs[:, None]) / (upper - centre)
     return torch.clamp(torch.minimum(rising, falling), min=0.0)
-

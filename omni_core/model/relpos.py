@@ -1,8 +1,12 @@
 """Relative-position lookup tables (LUTs) in the one form ``varlen_attention`` takes.
 
 A LUT ``[P, P]`` maps (query position, key position) inside one modality segment to a row
-of that modality's slice of the layer's ``bias_table``; -1 means "no bias". Stacking the
-per-modality LUTs (with row offsets) gives the ``[M, P, P]`` ``bias_lut`` of the model.
+of that modality's relative-position table; stacking the per-modality LUTs with row
+offsets gives the model's ``bias_lut [M, P, P]``, which indexes the concatenation of the
+three adapters' tables (``bias_table``). -1 means "no bias" (positions a modality never has).
+
+The buckets are ONE-PEACE's (see ``/work/shared/ONE-PEACE.md`` §6): position 0 is CLS and
+gets its own query-row, key-column and corner entries.
 """
 
 from __future__ import annotations
@@ -11,32 +15,45 @@ import math
 
 import torch
 
+MAX_POSITION = 1024  # ONE-PEACE builds every 1D bucket table for 1024 positions
 
-def log_bucket(relative: torch.Tensor, bucket_size: int, max_distance: int) -> torch.Tensor:
-    """ONE-PEACE-style 1D bucketing: exact within ``±bucket_size//2``, logarithmic beyond,
-    saturating at ``max_distance``. Returns buckets in ``[-(bucket_size-1), bucket_size-1]``."""
-    half = bucket_size // 2
+
+def log_bucket(relative: torch.Tensor, bucket_size: int, max_position: int = MAX_POSITION) -> torch.Tensor:
+    """ONE-PEACE's 1D bucket of a relative position ``i - j``: exact within ``±bucket_size//2``,
+    logarithmic beyond, reaching ``±(bucket_size-1)`` at ``max_position - 1``.
+
+    The logarithm is taken in float32 as upstream does, so the table is bit-identical."""
+    mid = bucket_size // 2
     dist = relative.abs()
-    near = dist < half
-    ratio = torch.log(dist.clamp(min=half).double() / half) / math.log(max(max_distance - 1, half + 1) / half)
-    far = (half + torch.ceil(ratio * (half - 1))).long().clamp(max=bucket_size - 1)
-    return torch.where(near, relative, far * torch.sign(relative))
+    ratio = torch.log(dist.clamp(min=mid).float() / mid) / math.log((max_position - 1) / mid)
+    far = mid + torch.ceil(ratio * (mid - 1)).long()
+    return torch.where(dist <= mid, relative, far * torch.sign(relative))
 
 
-def bucket_lut_1d(length: int, bucket_size: int) -> tuple[torch.Tensor, int]:
-    """LUT for a 1D sequence of ``length`` positions; returns (lut, number of rows)."""
+def bucket_lut_1d(length: int, bucket_size: int, max_position: int = MAX_POSITION) -> tuple[torch.Tensor, int]:
+    """LUT of a 1D sequence (CLS at 0) of up to ``length`` positions; returns (lut, table rows).
+
+    Rows ``0..2bs-2`` are the buckets; ``2bs-1`` is the CLS query row, ``2bs`` the CLS key
+    column and ``2bs+1`` the CLS-CLS corner: a table of ``2bs+2`` rows."""
+    if not 2 <= bucket_size < max_position:
+        raise ValueError(f"bucket_size must lie in [2, {max_position}), got {bucket_size}")
+    if not 1 <= length <= max_position:
+        raise ValueError(f"a 1D LUT covers at most {max_position} positions, asked for {length}")
     pos = torch.arange(length)
-    rel = pos[None, :] - pos[:, None]
-    lut = log_bucket(rel, bucket_size, max(length, bucket_size)) + bucket_size - 1
-    return lut.to(torch.int32), 2 * bucket_size - 1
+    lut = log_bucket(pos[:, None] - pos[None, :], bucket_size, max_position) + bucket_size - 1
+    rows = 2 * bucket_size - 1
+    lut[0, :] = rows
+    lut[:, 0] = rows + 1
+    lut[0, 0] = rows + 2
+    return lut.to(torch.int32), rows + 3
 
 
 def beit_lut_2d(grid_h: int, grid_w: int) -> tuple[torch.Tensor, int]:
     """BEiT's 2D relative-position LUT with a CLS token at position 0.
 
-    Patch pairs index ``(2h-1)(2w-1)`` rows by their (dy, dx); the three extra rows are
-    CLS→patch, patch→CLS and CLS→CLS. Returns (lut ``[1+h*w, 1+h*w]``, number of rows).
-    """
+    Patches are row-major (index ``1 + h*grid_w + w``); a patch pair indexes row
+    ``(dh + grid_h-1)(2grid_w-1) + (dw + grid_w-1)``; the three extra rows are the CLS
+    query row, the CLS key column and the CLS-CLS corner. Returns (lut, table rows)."""
     ys, xs = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
     ys, xs = ys.flatten(), xs.flatten()
     dy = ys[:, None] - ys[None, :] + grid_h - 1
@@ -45,8 +62,8 @@ def beit_lut_2d(grid_h: int, grid_w: int) -> tuple[torch.Tensor, int]:
     n = grid_h * grid_w + 1
     lut = torch.empty(n, n, dtype=torch.int64)
     lut[1:, 1:] = dy * (2 * grid_w - 1) + dx
-    lut[0, 1:] = patch_rows
-    lut[1:, 0] = patch_rows + 1
+    lut[0, :] = patch_rows
+    lut[:, 0] = patch_rows + 1
     lut[0, 0] = patch_rows + 2
     return lut.to(torch.int32), patch_rows + 3
 

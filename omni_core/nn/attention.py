@@ -1,6 +1,8 @@
-"""``VarlenAttention``: multi-head self-attention over a packed batch (ONE-PEACE style:
-key projection without bias, sub-LN before the output projection, per-modality learned
-relative-position bias held as one ``bias_table`` indexed through the model's LUT)."""
+"""``VarlenAttention``: multi-head self-attention over a packed batch, as ONE-PEACE's
+(q and v projections with bias, k without, the scale applied after the bias, sub-LN
+before the output projection). The relative-position bias table is the caller's: the
+model concatenates the adapters' per-modality tables once per pass and every layer
+indexes that one ``bias_table`` through the model's ``bias_lut``."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from omni_core import ops
 
 
 class VarlenAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, bias_rows: int = 0, sub_ln: bool = True) -> None:
+    def __init__(self, dim: int, num_heads: int, sub_ln: bool = True) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
@@ -22,15 +24,19 @@ class VarlenAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.sub_ln = nn.LayerNorm(dim) if sub_ln else None
         self.out_proj = nn.Linear(dim, dim)
-        self.bias_table = nn.Parameter(torch.zeros(bias_rows, num_heads)) if bias_rows else None
 
-    def forward(self, x: torch.Tensor, batch: ops.PackedBatch, bias_lut: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: ops.PackedBatch, bias_lut: torch.Tensor | None = None,
+                bias_table: torch.Tensor | None = None) -> torch.Tensor:
+        """``bias_table [NB, H]`` and ``bias_lut [M, P, P]`` together, or neither (no bias)."""
+        if (bias_table is None) != (bias_lut is None):
+            raise ValueError("pass bias_table and bias_lut together (or neither)")
         T = x.shape[0]
         shape = (T, self.num_heads, self.head_dim)
+        # softmax_scale multiplies q k^T, i.e. (W_q h + b_q) is scaled after its bias (ONE-PEACE).
         q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
         bias = {}
-        if self.bias_table is not None and bias_lut is not None:
-            bias = dict(bias_table=self.bias_table, bias_lut=bias_lut, modality=batch.modality,
+        if bias_table is not None:
+            bias = dict(bias_table=bias_table, bias_lut=bias_lut, modality=batch.modality,
                         position=batch.position)
         out = ops.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, **bias).reshape(T, -1)
         if self.sub_ln is not None:
