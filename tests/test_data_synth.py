@@ -63,6 +63,7 @@ def test_tokenizer_roundtrip_and_limit(dataset):
     text = "a red circle on the left and a blue square at the top"
     ids = tok.encode(text.upper())
     assert tok.decode(ids) == text
-    assert len(tok.encode(" ".join([text] * 20))) == MAX_TEXT_TOKENS
+    assert ids[-1] == tok.eos_id and tok.eos_id not in ids[:-1]
+    assert len(tok.encode(" ".join([text] * 20))) == MAX_TEXT_TOKENS + 1  # 70 BPE ids + EOS
     assert 261 < tok.vocab_size <= 512 and max(ids) < tok.vocab_size
     assert tok.pad_id == 0 and tok.eos_id == 3

@@ -8,12 +8,13 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 TOKENIZER_FILE = "tokenizer.json"
-MAX_TEXT_TOKENS = 70  # ONE-PEACE: at most 70 BPE tokens, the model adds EOS (and CLS)
+MAX_TEXT_TOKENS = 70  # ONE-PEACE: at most 70 BPE tokens, then EOS; the model adds CLS
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[EOS]", "[MASK]")  # ids 0..4 in this order
 
 
 class CaptionTokenizer:
-    """Lowercasing BPE; `encode` returns ids without special tokens, truncated to MAX_TEXT_TOKENS."""
+    """Lowercasing BPE; `encode` returns at most MAX_TEXT_TOKENS BPE ids followed by EOS (no BOS,
+    no CLS: the model adds CLS), as ONE-PEACE's hub and datasets prepare captions."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -27,7 +28,7 @@ class CaptionTokenizer:
         return self.tokenizer.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids[:MAX_TEXT_TOKENS]
+        return self.tokenizer.encode(text).ids[:MAX_TEXT_TOKENS] + [self.eos_id]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode(list(ids)).strip()
