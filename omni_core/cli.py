@@ -6,6 +6,7 @@
     omni bench data [--json]          loader throughput and packing efficiency
     omni data synth ...               generate the image–text–audio triplet dataset
     omni pretrain ... / eval ... / embed ...
+    omni convert one-peace CKPT --out DIR   a released ONE-PEACE checkpoint → DIR/model.safetensors
     omni demo                         synth → pretrain (10 min) → eval
 
 User errors (missing files, bad input) print one line and exit 1; OMNI_DEBUG=1 shows the traceback.
@@ -29,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("omni_core.train.trainer", "main"),
     "eval": ("omni_core.eval.retrieval", "main"),
     "embed": ("omni_core.eval.embed", "main"),
+    "convert one-peace": ("omni_core.model.one_peace", "convert_main"),
     "demo": ("omni_core.demo", "main"),
     "bench data": ("omni_core.data.bench", "main"),
 }
