@@ -128,9 +128,7 @@ class AudioAdapter(nn.Module):
                                        for i, (k, s) in zip(in_ch, self.conv_layers))
         else:
             self.conv_layers = ((3, 2),) * mel_downsample
-            self.register_buffer("mel_fb", mel_filterbank(self.N_MELS, self.WIN, self.SAMPLE_RATE),
-                                 persistent=False)
-            self.register_buffer("window", torch.hann_window(self.WIN, periodic=True), persistent=False)
+            self.rebuild_buffers()
             in_ch = [self.N_MELS] + [channels] * (mel_downsample - 1)
             self.convs = nn.ModuleList(nn.Conv1d(i, channels, 3, stride=2) for i in in_ch)
         self.norms = nn.ModuleList(nn.LayerNorm(channels) for _ in self.convs)
@@ -142,6 +140,15 @@ class AudioAdapter(nn.Module):
         self.cls = _trunc_normal(dim)
         self.cls_pos = _trunc_normal(dim)
         self.bias_table = nn.Parameter(torch.zeros(2 * bucket + 2, heads))
+
+    def rebuild_buffers(self, device: torch.device | None = None) -> None:
+        """(Re)compute the mel front end's non-persistent buffers (nothing for ``conv``)."""
+        if self.front_end == "mel":
+            fb, window = mel_filterbank(self.N_MELS, self.WIN, self.SAMPLE_RATE), torch.hann_window(self.WIN)
+            if device is not None:
+                fb, window = fb.to(device), window.to(device)
+            self.register_buffer("mel_fb", fb, persistent=False)
+            self.register_buffer("window", window, persistent=False)
 
     def num_frames(self, num_samples: int) -> int:
         """Frames (without CLS) produced for a clip of ``num_samples`` samples."""

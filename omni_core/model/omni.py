@@ -162,13 +162,7 @@ class OmniModel(nn.Module):
         self.audio = AudioAdapter(cfg.dim, cfg.heads, cfg.audio_bucket, cfg.audio_channels, cfg.audio_front_end,
                                   cfg.audio_conv_layers, cfg.audio_pos_depth, cfg.audio_pos_width,
                                   cfg.audio_pos_groups, cfg.audio_mel_downsample, cfg.audio_max_frames)
-        grid = cfg.image_size // 16
-        bias_lut, self.bias_offsets = stack_luts([
-            bucket_lut_1d(cfg.text_positions, cfg.text_bucket),
-            beit_lut_2d(grid, grid),
-            bucket_lut_1d(cfg.audio_max_frames + 1, cfg.audio_bucket),
-        ])
-        self.register_buffer("bias_lut", bias_lut, persistent=False)
+        self.register_buffer("bias_lut", bias_lut(cfg), persistent=False)
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
         self.final_norm = ModalityLayerNorm(len(MODALITIES), cfg.dim)
@@ -184,6 +178,13 @@ class OmniModel(nn.Module):
 
     def config_dict(self) -> dict:
         return asdict(self.cfg)
+
+    def rebuild_buffers(self) -> None:
+        """Recompute the non-persistent buffers (bias LUT, mel filters) on the parameters'
+        device: for a model built on ``meta`` whose weights were then assigned."""
+        device = self.logit_scale.device
+        self.bias_lut = bias_lut(self.cfg).to(device)
+        self.audio.rebuild_buffers(device)
 
     def bias_table(self) -> torch.Tensor:
         """``[NB, H]``: the text, image and audio relative-position tables, concatenated (the
@@ -275,6 +276,14 @@ class OmniModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def bias_lut(cfg: OmniConfig) -> torch.Tensor:
+    """``[3, P, P]`` LUT into :meth:`OmniModel.bias_table` (text, image, audio rows in that order)."""
+    grid = cfg.image_size // 16
+    lut, _ = stack_luts([bucket_lut_1d(cfg.text_positions, cfg.text_bucket), beit_lut_2d(grid, grid),
+                         bucket_lut_1d(cfg.audio_max_frames + 1, cfg.audio_bucket)])
+    return lut
 
 
 def prepare_waveform(wave: torch.Tensor, sample_rate: int = 16000) -> torch.Tensor:
