@@ -1,22 +1,22 @@
-"""pytest-benchmark suite: packed step vs ONE-PEACE's padded step (forward + backward).
+"""pytest-benchmark suite: packed ONE-PEACE step vs the released padded step (forward + backward).
 
     .venv/bin/pytest benchmarks/bench_packing.py --benchmark-group-by=param:mix
 """
 
 import pytest
-from packing import MIXES, make_mix
+from packing import MIXES, make_mix, packed_forward
 
-from omni_core.train.steps import packed_step, padded_step
+from omni_core.recipes.one_peace_padded import padded_forward
 
 
 @pytest.mark.parametrize("mix", sorted(MIXES))
-@pytest.mark.parametrize("step", [packed_step, padded_step], ids=["packed", "padded"])
-def test_step(benchmark, mix, step):
-    model, inputs, views = make_mix(mix)
+@pytest.mark.parametrize("forward", [packed_forward, padded_forward], ids=["packed", "padded"])
+def test_step(benchmark, mix, forward):
+    model, recipe, samples, masks = make_mix(mix)
 
     def run():
         model.zero_grad(set_to_none=True)
-        loss, *_ = step(model, inputs, views)
+        loss, _ = recipe.loss(model, forward(recipe, model, samples, masks), samples, masks)
         loss.backward()
         return loss
 

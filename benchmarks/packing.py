@@ -1,10 +1,14 @@
-"""Packed step vs ONE-PEACE's padded multi-pass step, forward + backward, same process.
+"""Packed ONE-PEACE step vs the released padded multi-pass step, forward + backward, same process.
 
-Two mixes: stage-1-like image–text (captions of 8–70 tokens, 257-token images: 256 px)
-and stage-2-like audio–text (clips of 1–15 s: 50–750 frames). Both steps run the same
-views with the same weights: the student's five views with gradients and the teacher's
-three unmasked views without. tokens/s counts real (unpadded) tokens through the encoder.
-``flop_ratio`` is the encoder's padded FLOPs over its packed FLOPs: the bound on the gain.
+Two mixes: stage 1 (image–text: captions of 8–70 tokens, 257-token images at 256 px) and
+stage 2 (audio–text: clips of 1–15 s at 50 frames/s). Both steps run the same recipe with
+the same weights and masks: the packed step is one encoder pass with gradients, one without
+and one decoder pass; the padded step is the released trainer's passes (stage 1: six encoder
+passes and three decoder passes; stage 2: five and two), each padded to its longest member.
+``flop_ratio`` is the padded step's FLOPs over the packed step's (encoder + decoder, backward
+counted as twice the forward): the bound on what packing can gain. ``gflops`` counts the
+packed step's useful FLOPs per second; ``gemm_peak_gflops`` is fp32 matmul at the step's own
+largest GEMM shape ([tokens, D] × [D, F]) measured in the same run; ``efficiency`` is their ratio.
 
     omni bench packing [--json] [--repeats N]
 """
@@ -18,117 +22,133 @@ import time
 
 import torch
 
-from omni_core.model.omni import AUDIO, IMAGE, TEXT, ModalInputs, OmniModel
-from omni_core.train.steps import packed_step, padded_step
-from omni_core.train.views import View, step_views
+from omni_core.data.sample import Sample
+from omni_core.model.omni import OmniConfig, OmniModel
+from omni_core.recipes.one_peace import OnePeaceRecipe, full_length
+from omni_core.recipes.one_peace_padded import padded_forward
 
+EOS = 3
 MIXES = {
-    # name: (paired modality, pairs per step, model overrides)
-    "stage1-image-text": (IMAGE, 8, dict(image_size=256)),
-    "stage2-audio-text": (AUDIO, 6, dict(image_size=64, audio_mel_downsample=1)),  # 50 frames/s
+    # name: (stage, pairs per step, model overrides)
+    "stage1-image-text": ("1", 8, dict(image_size=256)),
+    "stage2-audio-text": ("2", 6, dict(audio_mel_downsample=1)),  # 50 frames/s as ONE-PEACE
 }
 
 
-def make_mix(name: str, seed: int = 0, pairs: int | None = None) -> tuple[OmniModel, ModalInputs, list[View]]:
-    other, n, overrides = MIXES[name]
+def make_mix(name: str, seed: int = 0, pairs: int | None = None):
+    stage, n, overrides = MIXES[name]
     n = pairs or n
     g = torch.Generator().manual_seed(seed)
     model = OmniModel.from_preset("tiny", **overrides)
-    text = [torch.randint(0, model.cfg.vocab_size, (int(torch.randint(8, 71, (1,), generator=g)),), generator=g)
-            for _ in range(n)]
-    inputs = ModalInputs(text=text)
-    if other == IMAGE:
-        inputs.image = torch.randn(n, 3, model.cfg.image_size, model.cfg.image_size, generator=g)
-    else:
-        seconds = torch.rand(n, generator=g) * 14 + 1
-        inputs.audio = [torch.randn(int(s * 16000), generator=g) for s in seconds]
-    counts = {TEXT: [t.numel() + 1 for t in text],
-              IMAGE: [(model.cfg.image_size // 16) ** 2 + 1] * n,
-              AUDIO: [model.audio.num_frames(a.numel()) + 1 for a in inputs.audio]}
-    return model, inputs, step_views(other, n, counts, seed=seed)
+    recipe = OnePeaceRecipe(stage, word_start=torch.rand(model.cfg.vocab_size, generator=g) < 0.7, eos_id=EOS)
+    recipe.attach(model)
+    samples = []
+    for i in range(n):
+        ids = torch.randint(5, model.cfg.vocab_size, (int(torch.randint(8, 71, (1,), generator=g)),), generator=g)
+        recipe.word_start[ids[0]] = True
+        ids = torch.cat([ids, torch.tensor([EOS])])
+        seconds = float(torch.rand(1, generator=g)) * 14 + 1
+        samples.append(Sample(f"s{i}", torch.randn(3, model.cfg.image_size, model.cfg.image_size, generator=g),
+                              torch.randn(int(seconds * 16000), generator=g), "", ids))
+    masks = recipe.draw_masks(model, samples, torch.Generator().manual_seed(seed + 1))
+    return model, recipe, samples, masks
 
 
-def view_lengths(views: list[View], counts: dict[int, list[int]]) -> dict[str, list[list[int]]]:
-    """Per view, per sequence: the token count of each segment."""
-    return {v.name: [[len(r.keep) if r.keep is not None else counts[r.modality][r.index] for r in seq]
-                     for seq in v.sequences] for v in views}
-
-
-def encoder_flops(model: OmniModel, seq_lengths: list[int]) -> float:
-    """Forward FLOPs of the shared stack for sequences of these lengths."""
-    cfg = model.cfg
+def pass_flops(cfg: OmniConfig, lengths: list[int]) -> float:
+    """Forward FLOPs of a stack of ``cfg`` over sequences of these lengths."""
     per_token = 2 * (4 * cfg.dim**2 + (3 if cfg.geglu else 2) * cfg.dim * cfg.ffn_hidden)
-    attention = 4 * cfg.dim * sum(L * L for L in seq_lengths)
-    return cfg.depth * (per_token * sum(seq_lengths) + attention)
+    return cfg.depth * (per_token * sum(lengths) + 4 * cfg.dim * sum(L * L for L in lengths))
 
 
-def step_flops(model: OmniModel, views: list[View], counts, padded: bool) -> float:
-    """Encoder FLOPs of a step: the student's views forward + backward (3x), the
-    teacher's (unmasked) views forward only."""
-    lengths = view_lengths(views, counts)
+def step_layouts(model, recipe, samples, masks) -> list[tuple[OmniConfig, bool, list[list[int]]]]:
+    """Every pass of the released step: (stack config, with gradient, per sample slot lengths)."""
+    n, plan = len(samples), recipe.plan
+    passes = []
+    for view in plan.student + plan.frozen:
+        refs = [recipe.sequences(view, i, masks[i]) for i in range(n)]
+        lens = [[r.keep.numel() if r.keep is not None else full_length(model, samples[i], r.modality)
+                 for r in refs[i]] for i in range(n)]
+        passes.append((model.cfg, view in plan.student, lens))
+        if view.startswith("m_"):
+            full = [[full_length(model, samples[i], r.modality) for r in refs[i]] for i in range(n)]
+            passes.append((model.dcl_decoder.cfg, True, full))
+    return passes
+
+
+def step_flops(passes, padded: bool) -> float:
     total = 0.0
-    for view in views:
-        seqs = lengths[view.name]
+    for cfg, grad, lens in passes:
         if padded:
-            slot_max = [max(seq[s] for seq in seqs) for s in range(len(seqs[0]))]
-            seqs = [slot_max] * len(seqs)
-        flops = encoder_flops(model, [sum(seq) for seq in seqs])
-        total += (3 * flops if view.student else 0.0) + (flops if view.target is None else 0.0)
+            slot_max = [max(row[s] for row in lens) for s in range(len(lens[0]))]
+            lens = [slot_max] * len(lens)
+        total += pass_flops(cfg, [sum(row) for row in lens]) * (3 if grad else 1)
     return total
 
 
-def step_tokens(views: list[View], counts) -> int:
-    """Real tokens through the encoder in a step (student views + teacher views)."""
-    lengths = view_lengths(views, counts)
-    per_view = {v.name: sum(sum(seq) for seq in lengths[v.name]) for v in views}
-    return sum(per_view[v.name] * (int(v.student) + int(v.target is None)) for v in views)
+def packed_forward(recipe, model, samples, masks):
+    return recipe.forward(model, samples, masks)
 
 
-def run_once(step, model, inputs, views) -> float:
+def run_once(forward, model, recipe, samples, masks) -> float:
     model.zero_grad(set_to_none=True)
     start = time.perf_counter()
-    loss, *_ = step(model, inputs, views)
+    loss, _ = recipe.loss(model, forward(recipe, model, samples, masks), samples, masks)
     loss.backward()
     return time.perf_counter() - start
 
 
-def time_steps(model, inputs, views, repeats: int) -> tuple[float, float]:
-    """Median seconds of (packed, padded); runs alternate so load drifts hit both alike."""
-    run_once(packed_step, model, inputs, views)  # warm-up: allocators and caches
-    run_once(padded_step, model, inputs, views)
-    packed, padded = [], []
-    for _ in range(repeats):
-        packed.append(run_once(packed_step, model, inputs, views))
-        padded.append(run_once(padded_step, model, inputs, views))
-    return statistics.median(packed), statistics.median(padded)
+def gemm_peak(tokens: int, cfg: OmniConfig, repeats: int = 5) -> float:
+    """fp32 GFLOP/s of the step's largest GEMM shape on this machine, now."""
+    a, b = torch.randn(tokens, cfg.dim), torch.randn(cfg.dim, cfg.ffn_hidden)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * tokens * cfg.dim * cfg.ffn_hidden / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def run_mix(name: str, repeats: int, pairs: int | None = None) -> dict:
     torch.manual_seed(0)
-    model, inputs, views = make_mix(name, pairs=pairs)
-    counts = {TEXT: [t.numel() + 1 for t in inputs.text],
-              IMAGE: [(model.cfg.image_size // 16) ** 2 + 1] * (0 if inputs.image is None else len(inputs.image)),
-              AUDIO: [model.audio.num_frames(a.numel()) + 1 for a in inputs.audio]}
-    real_tokens = step_tokens(views, counts)
-    packed_s, padded_s = time_steps(model, inputs, views, repeats)
+    model, recipe, samples, masks = make_mix(name, pairs=pairs)
+    model.train()
+    passes = step_layouts(model, recipe, samples, masks)
+    for forward in (packed_forward, padded_forward):  # warm-up: allocators and caches
+        run_once(forward, model, recipe, samples, masks)
+    packed, padded = [], []
+    for _ in range(repeats):  # alternate, so load drifts hit both alike
+        packed.append(run_once(packed_forward, model, recipe, samples, masks))
+        padded.append(run_once(padded_forward, model, recipe, samples, masks))
+    packed_s, padded_s = statistics.median(packed), statistics.median(padded)
+    real_tokens = sum(sum(map(sum, lens)) * (2 if grad else 1) for _, grad, lens in passes)
+    useful = step_flops(passes, padded=False)
+    encoder_tokens = max(sum(map(sum, lens)) for cfg, _, lens in passes if cfg is model.cfg)
+    peak = gemm_peak(encoder_tokens, model.cfg)
     return {
         "mix": name,
-        "sequences": sum(len(v.sequences) * (int(v.student) + int(v.target is None)) for v in views),
+        "passes_padded": len(passes),
+        "passes_packed": 3,
         "real_tokens": real_tokens,
         "packed_step_s": round(packed_s, 4),
         "padded_step_s": round(padded_s, 4),
         "packed_tokens_per_s": round(real_tokens / packed_s, 1),
         "padded_tokens_per_s": round(real_tokens / padded_s, 1),
         "speedup": round(padded_s / packed_s, 3),
-        "flop_ratio": round(step_flops(model, views, counts, padded=True)
-                            / step_flops(model, views, counts, padded=False), 3),
+        "flop_ratio": round(step_flops(passes, padded=True) / useful, 3),
+        "gflops": round(useful / packed_s / 1e9, 2),
+        "gemm_peak_gflops": round(peak, 2),
+        "efficiency": round(useful / packed_s / 1e9 / peak, 3),
+        "cpu": torch.backends.cpu.get_cpu_capability(),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="omni bench packing", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per mix")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per step (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per step (median)")
     parser.add_argument("--mix", choices=sorted(MIXES), action="append", help="run only these mixes")
     parser.add_argument("--pairs", type=int, help="pairs per step (default: the mix's own)")
     args = parser.parse_args(argv)
@@ -136,11 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'mix':<20}{'seqs':>6}{'tokens':>8}{'packed tok/s':>14}{'padded tok/s':>14}"
-          f"{'speedup':>9}{'flop ratio':>12}")
+    print(f"{'mix':<20}{'passes':>8}{'tokens':>8}{'packed tok/s':>14}{'padded tok/s':>14}"
+          f"{'speedup':>9}{'flop ratio':>12}{'GFLOP/s':>9}{'eff.':>7}")
     for r in rows:
-        print(f"{r['mix']:<20}{r['sequences']:>6}{r['real_tokens']:>8}{r['packed_tokens_per_s']:>14.0f}"
-              f"{r['padded_tokens_per_s']:>14.0f}{r['speedup']:>8.2f}x{r['flop_ratio']:>11.2f}x")
+        print(f"{r['mix']:<20}{r['passes_padded']:>5}->3{r['real_tokens']:>8}{r['packed_tokens_per_s']:>14.0f}"
+              f"{r['padded_tokens_per_s']:>14.0f}{r['speedup']:>8.2f}x{r['flop_ratio']:>11.2f}x"
+              f"{r['gflops']:>9.1f}{r['efficiency']:>7.2f}")
     return 0
 
 

@@ -47,8 +47,10 @@ def test_killed_run_resumes_to_the_same_result(dataset, tmp_path):
     subprocess.run(pretrain_cmd(dataset, resumed, "--resume"), check=True, env=ENV, capture_output=True)
     a, b = metrics(whole), metrics(resumed)
     assert [r["step"] for r in b] == [str(s) for s in range(1, 9)]
-    for key in ("loss", "loss_image_text", "loss_audio_text", "lr", "logit_scale"):
-        assert [r[key] for r in a] == [r[key] for r in b], key
+    assert "dcl_image" in a[0] and "atc" in a[0]  # the default recipe: ONE-PEACE, all three modalities
+    for key in a[0]:
+        if key not in ("elapsed_s", "tokens_per_s"):
+            assert [r[key] for r in a] == [r[key] for r in b], key
     eval_a, eval_b = evaluate(whole, dataset, "pil"), evaluate(resumed, dataset, "pil")
     assert eval_a == eval_b
 

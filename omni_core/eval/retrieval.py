@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from omni_core.model.omni import AUDIO, IMAGE, TEXT, OmniModel
+from omni_core.recipes.contrastive import triplet_embeddings
 from omni_core.train.data import load_split
-from omni_core.train.trainer import load_trained, triplet_embeddings
+from omni_core.train.trainer import load_trained
 
 DIRECTIONS = [("image", "text"), ("text", "image"), ("audio", "text"), ("text", "audio"),
               ("image", "audio"), ("audio", "image")]

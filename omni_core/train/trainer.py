@@ -1,15 +1,18 @@
-"""``omni pretrain``: cross-modal aligning pre-training on image–text–audio triplets.
+"""``omni pretrain``: pre-training on image–text–audio triplets, one packed pass per step.
 
-Each step packs the unimodal text, image and audio sequences of a batch of triplets into
-one stream and runs one forward pass. The loss aligns image↔text and audio↔text (CLS →
-per-modality projection → L2 norm, a learnable logit scale initialised at 1/0.07 and
-clamped at 100, symmetric InfoNCE); image↔audio is never trained, so any image↔audio
-retrieval skill is emergent. AdamW (0.9, 0.98), weight decay 0.05, linear warmup then
-cosine decay, gradient clipping at 3.0; fp32 on CPU, bf16 autocast on GPU. Steps are packed
-up to a token budget by the data layer's collator (or hold a fixed number of triplets).
+The recipe (``--recipe``, :mod:`omni_core.recipes`) decides what a step computes:
+``one-peace`` (default) is ONE-PEACE's objective — cross-modal contrast plus the intra-modal
+denoising contrast through a 2-layer decoder — with its stages (``--stage 1`` image–text,
+``--stage 2`` audio–text with everything but the audio tower frozen, started from a stage-1
+run with ``--init RUN``, or ``--stage joint``, our extension training all three at once);
+``contrastive`` is plain image–text + audio–text InfoNCE. AdamW (0.9, 0.98), eps 1e-8,
+weight decay 0.05 (not on norms, biases, positions or tables), linear warmup then cosine
+decay, gradient clipping at 3.0; fp32 on CPU, bf16 autocast on GPU. Steps are packed up to a
+token budget by the data layer's collator (or hold a fixed number of triplets).
 
 Runs are exactly resumable: the data order of epoch e is a permutation drawn from
-(seed, e); the checkpoint stores model, optimizer, RNG, step, data position and schedule.
+(seed, e), the masks of step s from (seed, s); the checkpoint stores model (and the recipe's
+decoder), optimizer, RNG, step, data position and schedule.
 """
 
 from __future__ import annotations
@@ -28,16 +31,21 @@ from tqdm import tqdm
 
 from omni_core.data.collator import PackingCollator, fixed_groups
 from omni_core.data.sample import Sample
-from omni_core.model.omni import AUDIO, IMAGE, TEXT, ModalInputs, OmniConfig, OmniModel, SegmentRef
+from omni_core.data.tokenizer import load_tokenizer
+from omni_core.model.omni import OmniConfig, OmniModel
+from omni_core.recipes import RECIPES, Recipe, make_recipe
 from omni_core.train.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from omni_core.train.data import load_split
-from omni_core.train.objectives import info_nce
 
 CHECKPOINT = "checkpoint.safetensors"
 FINAL = "model.safetensors"
 METRICS = "metrics.csv"
-METRIC_FIELDS = ["step", "epoch", "loss", "loss_image_text", "loss_audio_text", "lr", "logit_scale",
-                 "tokens", "tokens_per_s", "elapsed_s"]
+EVAL_CURVE = "eval_curve.csv"
+DECODER_PREFIX = "dcl_decoder."  # the recipe's pre-training decoder inside checkpoints
+
+
+def metric_fields(recipe: Recipe) -> list[str]:
+    return ["step", "epoch", "loss", *recipe.loss_names, "lr", "logit_scale", "tokens", "tokens_per_s", "elapsed_s"]
 
 
 @dataclass
@@ -46,6 +54,12 @@ class TrainArgs:
     out: str
     preset: str = "tiny"
     overrides: dict = field(default_factory=dict)
+    recipe: str = "one-peace"
+    stage: str = "joint"
+    init: str | None = None  # a run whose weights start this one (stage 2 from stage 1)
+    gather_grad: bool = False
+    eval_every_s: float | None = None  # retrieval on the eval split every so many training seconds
+    eval_samples: int = 500
     batch_size: int | None = None  # fixed samples per step; None: pack steps up to token_budget
     token_budget: int = 2800
     lr: float = 2e-3
@@ -62,26 +76,6 @@ class TrainArgs:
     progress: bool = True
 
 
-def triplet_inputs(samples: list[Sample], device: torch.device) -> tuple[ModalInputs, list[list[SegmentRef]]]:
-    """Inputs and the 3n unimodal sequences (texts, then images, then audio clips)."""
-    n = len(samples)
-    inputs = ModalInputs(text=[s.token_ids.to(device) for s in samples],
-                         image=torch.stack([s.image for s in samples]).to(device),
-                         audio=[s.audio.to(device) for s in samples])
-    sequences = [[SegmentRef(m, i)] for m in (TEXT, IMAGE, AUDIO) for i in range(n)]
-    return inputs, sequences
-
-
-def triplet_embeddings(model: OmniModel, samples: list[Sample]) -> dict[int, torch.Tensor]:
-    """L2-normalised embeddings of each modality of ``samples`` from one packed pass."""
-    device = next(model.parameters()).device
-    inputs, sequences = triplet_inputs(samples, device)
-    features, batch = model(inputs, sequences)
-    cls = features[batch.cu_seqlens[:-1].long()]
-    n = len(samples)
-    return {m: model.project(cls[k * n:(k + 1) * n], m) for k, m in enumerate((TEXT, IMAGE, AUDIO))}
-
-
 def learning_rate(args: TrainArgs, step: int, progress: float) -> float:
     """Linear warmup over ``warmup_steps``, then cosine decay over ``progress`` in [0, 1]."""
     if step < args.warmup_steps:
@@ -91,12 +85,14 @@ def learning_rate(args: TrainArgs, step: int, progress: float) -> float:
 
 
 def make_optimizer(model: OmniModel, args: TrainArgs) -> torch.optim.AdamW:
-    no_decay = ("bias_table", "cls", "pos", "logit_scale")
+    no_decay = ("rel_pos", "bias_table", "cls", "pos", "logit_scale", "mask_token")
     decay, rest = [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         (rest if p.dim() < 2 or any(k in name for k in no_decay) else decay).append(p)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
@@ -124,14 +120,14 @@ def epoch_groups(model: OmniModel, samples: list[Sample], args: TrainArgs, epoch
 class MetricsLog:
     """CSV (and TensorBoard when available) metrics; on resume, rows past the checkpoint go."""
 
-    def __init__(self, out: Path, resume_step: int | None) -> None:
-        self.path = out / METRICS
+    def __init__(self, out: Path, resume_step: int | None, fields: list[str]) -> None:
+        self.path, self.fields = out / METRICS, fields
         rows = []
         if resume_step is not None and self.path.exists():
             with self.path.open() as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
         with self.path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, METRIC_FIELDS)
+            writer = csv.DictWriter(f, fields)
             writer.writeheader()
             writer.writerows(rows)
         try:
@@ -143,10 +139,10 @@ class MetricsLog:
 
     def write(self, row: dict) -> None:
         with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, METRIC_FIELDS).writerow(row)
+            csv.DictWriter(f, self.fields).writerow(row)
         if self.tb is not None:
-            for key in ("loss", "loss_image_text", "loss_audio_text", "lr", "logit_scale", "tokens_per_s"):
-                self.tb.add_scalar(f"train/{key}", row[key], row["step"])
+            for key in self.fields[2:]:
+                self.tb.add_scalar(f"train/{key}", float(row[key]), row["step"])
 
     def close(self) -> None:
         if self.tb is not None:
@@ -168,14 +164,20 @@ def train(args: TrainArgs) -> dict:
         args = TrainArgs(**{**saved, "resume": True, "progress": args.progress})
 
     model = OmniModel.from_preset(args.preset, device=device, **args.overrides)
+    recipe = make_recipe(args.recipe, args.stage, load_tokenizer(args.data), args.gather_grad)
+    recipe.attach(model)
+    if args.init and not args.resume:
+        load_weights(run_weights(args.init), model)
+    recipe.prepare(model, reset_logit_scale=bool(args.init))
     optimizer = make_optimizer(model, args)
     train_set = load_split(args.data, "train", model.cfg.image_size, args.loader)
     if len(train_set.samples) < 2 * (args.batch_size or 1):
         raise ValueError(f"{args.data}: only {len(train_set.samples)} usable train samples")
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "elapsed_s": 0.0}
+    eval_set = load_split(args.data, "eval", model.cfg.image_size, args.loader) if args.eval_every_s else None
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "elapsed_s": 0.0, "next_eval_s": 0.0}
     if args.resume:
-        state = load_checkpoint(ckpt, model, optimizer)["state"]
-    log = MetricsLog(out, state["step"] if args.resume else None)
+        state = {**state, **load_checkpoint(ckpt, model, optimizer)["state"]}
+    log = MetricsLog(out, state["step"] if args.resume else None, metric_fields(recipe))
     meta = {"args": asdict(args), "config": asdict(model.cfg)}
 
     # A step budget gives an exactly reproducible (and resumable) run; a time budget decays
@@ -190,10 +192,16 @@ def train(args: TrainArgs) -> dict:
     while not done:
         groups = epoch_groups(model, train_set.samples, args, state["epoch"])
         for b in range(state["batch_in_epoch"], len(groups)):
+            if eval_set is not None and state["elapsed_s"] >= state["next_eval_s"]:
+                paused = time.perf_counter()  # evaluation time is not training time
+                eval_point(out, model, eval_set.samples[: args.eval_samples], state)
+                start += time.perf_counter() - paused
+                state["next_eval_s"] = state["elapsed_s"] + args.eval_every_s
             progress = (state["step"] / args.steps if args.steps
                         else state["elapsed_s"] / budget_s)
             lr = learning_rate(args, state["step"], progress)
-            row = train_step(model, optimizer, lr, args.grad_clip, groups[b], device)
+            g = torch.Generator().manual_seed(args.seed * 1_000_003 + state["step"])
+            row = train_step(model, recipe, optimizer, lr, args.grad_clip, groups[b], device, g)
             state["step"] += 1
             state["batch_in_epoch"] = b + 1
             state["tokens"] += row["tokens"]
@@ -213,44 +221,90 @@ def train(args: TrainArgs) -> dict:
             state["batch_in_epoch"] = 0
     bar.close()
     log.close()
+    if eval_set is not None:
+        eval_point(out, model, eval_set.samples[: args.eval_samples], state)
     save_checkpoint(out / FINAL, model, None, {**meta, "state": state, "skipped": train_set.skipped})
-    summary = {"steps": state["step"], "epochs": state["epoch"], "tokens": state["tokens"],
+    summary = {"recipe": args.recipe, "stage": args.stage if args.recipe == "one-peace" else None,
+               "init": args.init, "steps": state["step"], "epochs": state["epoch"], "tokens": state["tokens"],
                "train_seconds": round(state["elapsed_s"], 1), "final_loss": row["loss"],
+               "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                "train_samples": len(train_set.samples), "skipped_samples": len(train_set.skipped),
                "loader": train_set.backend, "skipped": train_set.skipped}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def train_step(model: OmniModel, optimizer, lr: float, grad_clip: float, samples: list[Sample],
-               device: torch.device) -> dict:
+def train_step(model: OmniModel, recipe: Recipe, optimizer, lr: float, grad_clip: float, samples: list[Sample],
+               device: torch.device, g: torch.Generator) -> dict:
     for group in optimizer.param_groups:
         group["lr"] = lr
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        emb = triplet_embeddings(model, samples)
-        loss_it = info_nce(emb[IMAGE].float(), emb[TEXT].float(), model.logit_scale)
-        loss_at = info_nce(emb[AUDIO].float(), emb[TEXT].float(), model.logit_scale)
-        loss = loss_it + loss_at
+        loss, parts = recipe.step(model, samples, g)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
     optimizer.step()
+    recipe.after_step(model)
     tokens = sum(sample_tokens(model, s) for s in samples)
-    return {"loss": round(loss.item(), 5), "loss_image_text": round(loss_it.item(), 5),
-            "loss_audio_text": round(loss_at.item(), 5), "lr": lr,
-            "logit_scale": round(model.logit_scale.exp().clamp(max=100).item(), 3), "tokens": tokens}
+    return {"loss": round(loss.item(), 5), **{k: round(v, 5) for k, v in parts.items()}, "lr": lr,
+            "logit_scale": round(model.logit_scale.exp().item(), 3), "tokens": tokens}
 
 
-def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[OmniModel, dict]:
-    """The model a run wrote (``model.safetensors``, else its latest checkpoint)."""
+@torch.no_grad()
+def eval_point(out: Path, model: OmniModel, samples: list[Sample], state: dict) -> None:
+    """Append retrieval R@1 of every direction at this point of training to eval_curve.csv."""
+    from omni_core.eval.retrieval import embed_split, retrieval_metrics
+
+    was_training = model.training
+    metrics = retrieval_metrics(embed_split(model, samples))
+    model.train(was_training)
+    row = {"step": state["step"], "elapsed_s": round(state["elapsed_s"], 1),
+           **{name: m["R@1"] for name, m in metrics.items()}}
+    path = out / EVAL_CURVE
+    if state["step"] == 0 and path.exists():
+        path.unlink()
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def run_weights(run_dir: str | Path) -> Path:
+    """The weights file of a run: ``model.safetensors``, else its latest checkpoint."""
     run_dir = Path(run_dir)
     path = run_dir / FINAL if (run_dir / FINAL).exists() else run_dir / CHECKPOINT
     if not path.exists():
         raise FileNotFoundError(f"{run_dir}: no {FINAL} or {CHECKPOINT} (has the run trained?)")
+    return path
+
+
+def load_weights(path: Path, model: OmniModel) -> None:
+    """Load a run's model weights; the recipe's decoder is loaded when the model has one
+    and skipped otherwise (evaluation). Anything else missing or unexpected is an error."""
+    from safetensors.torch import load_file
+
+    config = asdict(OmniConfig(**read_meta(path)["config"]))
+    if config != asdict(model.cfg):
+        diff = sorted(k for k in config if config[k] != asdict(model.cfg).get(k))
+        raise ValueError(f"{path}: its model config differs from this run's in {diff}")
+    tensors = {k[len("model/"):]: v for k, v in load_file(str(path)).items() if k.startswith("model/")}
+    if not hasattr(model, "dcl_decoder"):
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(DECODER_PREFIX)}
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if not k.startswith(DECODER_PREFIX)]  # a contrastive run has none
+    if missing or unexpected:
+        raise ValueError(f"{path}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+
+
+def load_trained(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[OmniModel, dict]:
+    """The encoder a run wrote (``model.safetensors``, else its latest checkpoint), in eval mode."""
+    path = run_weights(run_dir)
     meta = read_meta(path)
     with torch.device(device):
         model = OmniModel(OmniConfig(**meta["config"]))
-    load_checkpoint(path, model, None)
+    load_weights(path, model)
     return model.eval(), meta
 
 
@@ -259,6 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="dataset directory (omni data synth --out)")
     p.add_argument("--out", required=True, help="run directory: checkpoints, metrics, model")
     p.add_argument("--preset", default="tiny")
+    p.add_argument("--recipe", choices=RECIPES, default=TrainArgs.recipe)
+    p.add_argument("--stage", choices=["1", "2", "joint"], default=TrainArgs.stage,
+                   help="one-peace: 1 image-text, 2 audio-text (frozen but audio; use --init), joint all three")
+    p.add_argument("--init", help="start from this run's weights (e.g. stage 2 from a stage-1 run)")
+    p.add_argument("--gather-grad", action="store_true",
+                   help="distributed: contrastive negatives from other ranks carry gradient")
+    p.add_argument("--eval-every", type=float, help="evaluate retrieval every so many training seconds")
     p.add_argument("--audio-front-end", choices=["conv", "mel"], help="override the preset's")
     p.add_argument("--steps", type=int, help="train this many steps")
     p.add_argument("--minutes", type=float, help="or train for this wall-clock budget")
@@ -276,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     overrides = {"audio_front_end": a.audio_front_end} if a.audio_front_end else {}
-    args = TrainArgs(data=a.data, out=a.out, preset=a.preset, overrides=overrides, batch_size=a.batch_size,
+    args = TrainArgs(data=a.data, out=a.out, preset=a.preset, overrides=overrides, recipe=a.recipe, stage=a.stage,
+                     init=a.init, gather_grad=a.gather_grad, eval_every_s=a.eval_every, batch_size=a.batch_size,
                      token_budget=a.token_budget, lr=a.lr, warmup_steps=a.warmup_steps, seed=a.seed,
                      steps=a.steps, minutes=a.minutes,
                      ckpt_every=a.ckpt_every, loader=a.loader, resume=a.resume, progress=not a.no_progress)
