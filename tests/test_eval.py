@@ -59,3 +59,15 @@ def test_embed_images_audio_and_text(dataset, run, tmp_path):
         assert emb.shape[0] == n and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
         if flag == "--images":
             assert "broken.jpg" in proc.stderr and "1 files skipped" in proc.stdout
+
+
+def test_embed_names_every_skipped_file_when_none_decodes(run, tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for name in ("a.jpg", "b.png"):
+        (folder / name).write_bytes(b"not an image")
+    proc = subprocess.run([sys.executable, "-m", "omni_core.cli", "embed", "--run", str(run), "--images", str(folder),
+                           "--out", str(tmp_path / "x.npy")], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "a.jpg" in proc.stderr and "b.png" in proc.stderr and "all 2 files were skipped" in proc.stderr
+    assert not (tmp_path / "x.npy").exists()

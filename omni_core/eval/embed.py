@@ -6,7 +6,8 @@ text file (one caption per line), from a run of ``omni pretrain``.
     omni embed --run runs/demo --text captions.txt --out captions.npy
 
 Writes the ``[N, E]`` float32 array and ``<out>.names.txt`` (the file or line of each row).
-A file that cannot be decoded is skipped with a warning and listed on stderr.
+Every file that cannot be decoded is skipped and named on stderr (also when none could be
+decoded). Audio is prepared as ONE-PEACE's hub prepares it (see ``OmniModel.embed_audio``).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from omni_core.data.loader import decode_clip, decode_image
+from omni_core.data.audio import SAMPLE_RATE, decode_audio, resample
+from omni_core.data.loader import decode_image
 from omni_core.data.tokenizer import load_tokenizer
-from omni_core.model.omni import AUDIO, IMAGE, TEXT, ModalInputs, OmniModel, SegmentRef
+from omni_core.model.omni import AUDIO, IMAGE, TEXT, OmniModel
 from omni_core.train.trainer import load_trained
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -29,20 +31,25 @@ AUDIO_EXTS = {".wav", ".flac", ".ogg", ".mp3"}
 
 @torch.no_grad()
 def embed_items(model: OmniModel, modality: int, items: list, batch_size: int = 64) -> torch.Tensor:
-    """Embeddings of decoded items of one modality (token ids, image tensors or waveforms)."""
+    """Embeddings of decoded items of one modality (token ids, image tensors or raw 16 kHz
+    waveforms), through the model's feature-extraction API, one packed pass per chunk."""
     out = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        inputs = ModalInputs()
         if modality == TEXT:
-            inputs.text = chunk
+            out.append(model.embed_texts(chunk))
         elif modality == IMAGE:
-            inputs.image = torch.stack(chunk)
+            out.append(model.embed_images(torch.stack(chunk)))
         else:
-            inputs.audio = chunk
-        features, batch = model(inputs, [[SegmentRef(modality, i)] for i in range(len(chunk))])
-        out.append(model.project(features[batch.cu_seqlens[:-1].long()], modality))
+            out.append(model.embed_audio(chunk))
     return torch.cat(out) if out else torch.empty(0, model.cfg.embed_dim)
+
+
+def decode_raw_clip(data: bytes) -> torch.Tensor:
+    """Audio bytes → mono 16 kHz float32 waveform, not yet normalised or cropped:
+    ``embed_audio`` prepares it as ONE-PEACE's hub does (normalise the whole clip, crop, tile)."""
+    pcm, rate = decode_audio(data)
+    return torch.from_numpy(resample(pcm, rate, SAMPLE_RATE))
 
 
 def decode_folder(folder: Path, exts: set[str], decode) -> tuple[list[str], list, list[str]]:
@@ -74,20 +81,25 @@ def main(argv: list[str] | None = None) -> int:
         names, items, skipped = decode_folder(a.images, IMAGE_EXTS, lambda b: decode_image(b, model.cfg.image_size))
         modality = IMAGE
     elif a.audio:
-        names, items, skipped = decode_folder(a.audio, AUDIO_EXTS, decode_clip)
+        names, items, skipped = decode_folder(a.audio, AUDIO_EXTS, decode_raw_clip)
         modality = AUDIO
     else:
-        tokenizer = load_tokenizer(a.data or meta["args"]["data"])
+        data = a.data or meta.get("args", {}).get("data")
+        if not data:
+            raise ValueError(f"{a.run} names no dataset with a tokenizer; pass --data (a converted ONE-PEACE "
+                             f"model needs ONE-PEACE's GPT-2 BPE ids: use OmniModel.embed_texts)")
+        tokenizer = load_tokenizer(data)
         names = [line.strip() for line in a.text.read_text().splitlines() if line.strip()]
         items = [torch.tensor(tokenizer.encode(line), dtype=torch.long) for line in names]
         modality = TEXT
+    for line in skipped:  # named before anything else can fail, also when none decoded
+        print(f"skipped {line}", file=sys.stderr)
     if not items:
-        raise ValueError(f"nothing to embed in {a.images or a.audio or a.text}")
+        raise ValueError(f"nothing to embed in {a.images or a.audio or a.text}"
+                         + (f": all {len(skipped)} files were skipped (listed above)" if skipped else ""))
     emb = embed_items(model, modality, items).numpy().astype(np.float32)
     np.save(a.out, emb)
     a.out.with_suffix(".names.txt").write_text("\n".join(names) + "\n")
-    for line in skipped:
-        print(f"skipped {line}", file=sys.stderr)
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {a.out} ({len(skipped)} files skipped)")
     return 0
 
