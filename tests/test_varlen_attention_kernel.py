@@ -158,16 +158,9 @@ def test_dispatch_and_compat_reach_the_kernel(monkeypatch):
     q, k, v, cu = args
     via_flash = compat.flash_attn_varlen_func(q, k, v, cu, cu, pack["max_seqlen"], pack["max_seqlen"], **bias)
 
-    class BlockDiagonalMask:  # duck-typed stand-in: xformers is not installed here
-        class _Info:
-            def __init__(self, starts):
-                self.seqstart = torch.tensor(starts, dtype=torch.int32)
-                self.seqstart_py = None
+    from xformers.ops.fmha.attn_bias import BlockDiagonalMask
 
-        def __init__(self, starts):
-            self.q_seqinfo = self.k_seqinfo = self._Info(starts)
-
-    mask = BlockDiagonalMask(cu.tolist())
+    mask = BlockDiagonalMask.from_seqlens([4, 33])
     via_xformers = compat.memory_efficient_attention(q[None], k[None], v[None], attn_bias=mask, **bias)[0]
     for other in (via_ops, via_flash, via_xformers):
         assert torch.equal(direct, other)
@@ -180,8 +173,8 @@ def test_custom_op_registration():
     table = pack["table"].requires_grad_()
     torch.library.opcheck(
         torch.ops.omni_core.varlen_attention.default,
-        (q, k, v, pack["cu"], pack["max_seqlen"], 0.2, table, pack["lut"], pack["modality"].to(torch.int32),
-         pack["position"]),
+        (q, k, v, pack["cu"], pack["cu"], pack["max_seqlen"], pack["max_seqlen"], 0.2, True, table, pack["lut"],
+         pack["modality"].to(torch.int32), pack["position"]),
     )
 
 
@@ -238,7 +231,7 @@ def _lut_outside(a):
 
 def _head_dim(a):
     for n in "qkv":
-        a[n] = torch.randn(8, 2, 48)
+        a[n] = torch.randn(8, 2, 12)
 
 
 def _devices(a):
@@ -250,7 +243,7 @@ BAD = {
     "cu_seqlens int64": (_cu_int64, TypeError, "int32"),
     "cu_seqlens end": (_cu_short, ValueError, "ends at"),
     "lut outside table": (_lut_outside, ValueError, "bias_lut entries"),
-    "head dim": (_head_dim, ValueError, "head dim 48"),
+    "head dim": (_head_dim, ValueError, "head dim 12"),
     "devices": (_devices, ValueError, "different devices"),
 }
 
@@ -275,30 +268,123 @@ def test_bad_input_fails_before_launch(bad, entry, monkeypatch):
                                           a["max_seqlen"], a["max_seqlen"], **bias)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"causal": True}, "causal"),
-    ({"dropout_p": 0.1}, "dropout"),
-    ({"window_size": (8, 8)}, "window_size"),
-])
-def test_flash_compat_refuses_unsupported_features(kwargs, message):
+# ----------------------------------------------------------------------------- decoder modes
+
+# name: (query lengths, key lengths or None for self-attention, H, Hk, head dim, causal, bias)
+MODE_CASES = {
+    "causal_lq_gt_lk": ([70, 5, 3], [20, 0, 9], 2, 2, 40, True, None),
+    "causal_lq_lt_lk_gqa": ([3, 1, 9], [70, 4, 9], 4, 2, 72, True, None),
+    "cross_empty_keys_gqa_8_2": ([5, 9, 2], [0, 33, 0], 8, 2, 16, False, None),
+    "mqa_4_1_d8": ([17, 66], None, 4, 1, 8, False, None),
+    "bias_causal_d256": ([1, 2, 61, 3, 67], None, 2, 2, 256, True, "joint"),
+}
+
+
+def fresh_seed() -> int:
+    """A new seed every run (printed on failure): the kernel must hold for any input."""
+    import random
+
+    return random.SystemRandom().randrange(2**31)
+
+
+def make_mode_pack(case: str, seed: int) -> dict:
+    q_lens, k_lens, H, Hk, D, causal, bias = MODE_CASES[case]
+    pack = make_pack(q_lens, H, D, bias, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    kv_lens = k_lens or q_lens
+    pack["k"], pack["v"] = (torch.randn(sum(kv_lens), Hk, D, generator=g) for _ in range(2))
+    pack["kwargs"] = {"causal": causal}
+    if k_lens is not None:
+        cu_k = torch.tensor([0, *torch.tensor(k_lens).cumsum(0).tolist()], dtype=torch.int32)
+        pack["kwargs"].update(cu_seqlens_k=cu_k, max_seqlen_k=max(k_lens))
+    return pack
+
+
+def run_modes(fn, pack: dict, dtype: torch.dtype, table_dtype: torch.dtype | None = None):
+    """Output, lse and gradients (q, k, v, table) of ``fn`` with the pack's modes."""
+    q, k, v = (pack[n].to(DEVICE, dtype, copy=True).requires_grad_() for n in "qkv")
+    table = pack["table"]
+    if table is not None:
+        table = table.to(DEVICE, table_dtype or torch.float32, copy=True).requires_grad_()
+    extra = [None if pack[n] is None else pack[n].to(DEVICE) for n in ("lut", "modality", "position")]
+    kwargs = {n: (t.to(DEVICE) if isinstance(t, torch.Tensor) else t) for n, t in pack["kwargs"].items()}
+    out, lse = fn(q, k, v, pack["cu"].to(DEVICE), pack["max_seqlen"], None, table, *extra, return_lse=True,
+                  **kwargs)
+    out.backward(pack["dout"].to(out.dtype).to(DEVICE))
+    grads = [q.grad, k.grad, v.grad] + ([table.grad] if table is not None else [])
+    return [t.detach().cpu() for t in [out, lse, *grads]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("case", list(MODE_CASES))
+def test_decoder_modes_forward_lse_and_gradients(case, dtype, poisoned):
+    seed = fresh_seed()
+    pack = make_mode_pack(case, seed)
+    got = run_modes(va.varlen_attention_triton, pack, dtype)
+    rounded = {**pack, **{n: pack[n].to(dtype).double() for n in ("q", "k", "v", "dout")}}
+    exact = run_modes(varlen_attention_reference, rounded, torch.float64, torch.float64)
+    same_precision = run_modes(varlen_attention_reference, pack, dtype)
+    lse, ref_lse = got.pop(1), exact.pop(1)
+    same_precision.pop(1)
+    assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape
+    empty = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), empty), f"seed {seed}: rows without keys must have lse -inf"
+    assert rel_err(lse[~empty], ref_lse[~empty]) <= CAPS[dtype], f"seed {seed}: lse"
+    names = ["out", "dq", "dk", "dv", "dbias_table"][:len(got)]
+    for name, x, ref, base in zip(names, got, exact, same_precision, strict=True):
+        err, base_err = rel_err(x, ref), rel_err(base, ref)
+        bound = min(2 * base_err + FLOORS[dtype], CAPS[dtype])
+        assert err <= bound, f"seed {seed} {name}: error {err:.3e} > bound {bound:.3e} (torch {base_err:.3e})"
+
+
+def test_bias_gradient_work_is_skipped_without_requires_grad(monkeypatch):
+    pack = make_pack([5, 40], 2, 32, "joint", seed=fresh_seed())
+    seen = []
+    launch = va._launch_bwd
+
+    def spy(*args):
+        seen.append(args[-2])  # bias_grad
+        return launch(*args)
+
+    monkeypatch.setattr(va, "_launch_bwd", spy)
+    q = pack["q"].clone().requires_grad_()
+    args = (pack["k"], pack["v"], pack["cu"], pack["max_seqlen"], None, pack["table"], pack["lut"],
+            pack["modality"], pack["position"])
+    va.varlen_attention_triton(q, *args, causal=True).backward(pack["dout"])
+    ref_q = pack["q"].double().requires_grad_()
+    ref_args = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    varlen_attention_reference(ref_q, *ref_args, causal=True).backward(pack["dout"].double())
+    assert seen == [False] and rel_err(q.grad, ref_q.grad) < 1e-5
+
+
+def test_bias_with_cross_attention_is_refused_before_launch(monkeypatch):
+    monkeypatch.setattr(va, "_launch_fwd", lambda *a: pytest.fail("launched"))
     a = _good()
-    with pytest.raises(NotImplementedError, match=message):
-        compat.flash_attn_varlen_func(a["q"], a["k"], a["v"], a["cu_seqlens"], a["cu_seqlens"],
-                                      a["max_seqlen"], a["max_seqlen"], **kwargs)
+    with pytest.raises(ValueError, match="self-attention feature"):
+        va.varlen_attention_triton(a["q"], a["k"], a["v"], a["cu_seqlens"], 5, None, a["bias_table"],
+                                   a["bias_lut"], a["modality"], a["position"], cu_seqlens_k=a["cu_seqlens"],
+                                   max_seqlen_k=5)
+    with pytest.raises(ValueError, match="Hk=3 must divide H=2"):
+        va.varlen_attention_triton(a["q"], torch.randn(8, 3, 32), torch.randn(8, 3, 32), a["cu_seqlens"], 5,
+                                   None, None, None, None, None)
 
 
-def test_flash_compat_refuses_different_packs():
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_flash_deterministic_flag_selects_the_bias_gradient_mode(deterministic, monkeypatch):
+    monkeypatch.delenv("OMNI_ATTN_BIAS_GRAD", raising=False)
+    monkeypatch.setenv("OMNI_BACKEND", "triton")
+    modes = []
+    launch = va._launch_bwd
+
+    def spy(*args):
+        modes.append(args[-1])
+        return launch(*args)
+
+    monkeypatch.setattr(va, "_launch_bwd", spy)
     a = _good()
-    other = torch.tensor([0, 4, 8], dtype=torch.int32)
-    with pytest.raises(NotImplementedError, match="cu_seqlens_q and cu_seqlens_k differ"):
-        compat.flash_attn_varlen_func(a["q"], a["k"], a["v"], a["cu_seqlens"], other, 5, 5)
-
-
-def test_xformers_adapter_refuses_other_masks():
-    class BlockDiagonalCausalMask:
-        q_seqinfo = k_seqinfo = None
-
-    a = _good()
-    with pytest.raises(NotImplementedError, match="BlockDiagonalCausalMask"):
-        compat.memory_efficient_attention(a["q"][None], a["k"][None], a["v"][None],
-                                          attn_bias=BlockDiagonalCausalMask())
+    table = a["bias_table"].requires_grad_()
+    out = compat.flash_attn_varlen_func(a["q"], a["k"], a["v"], a["cu_seqlens"], a["cu_seqlens"], 5, 5,
+                                        deterministic=deterministic, bias_table=table, bias_lut=a["bias_lut"],
+                                        modality=a["modality"], position=a["position"])
+    out.sum().backward()  # outside the call: the mode was fixed at the forward
+    assert modes == [deterministic] and table.grad is not None

@@ -13,6 +13,7 @@ from omni_core.ops import dispatch
 from omni_core.ops.attention import varlen_attention, varlen_attention_reference
 from omni_core.ops.dispatch import BackendUnavailable
 from omni_core.ops.ffn import routed_ffn, routed_ffn_reference
+from omni_core.ops.kvcache import attention_with_kvcache, attention_with_kvcache_reference
 from omni_core.ops.norm import layer_norm, layer_norm_reference
 from omni_core.ops.packing import PackedBatch, Segment
 from omni_core.ops.routing import RoutingPlan, routing_plan
@@ -22,6 +23,8 @@ __all__ = [
     "PackedBatch",
     "RoutingPlan",
     "Segment",
+    "attention_with_kvcache",
+    "attention_with_kvcache_reference",
     "layer_norm",
     "layer_norm_reference",
     "routed_ffn",
@@ -74,6 +77,7 @@ def _routed_ffn_triton_loader() -> Callable:
 for _op, _module, _attr in (
     ("varlen_attention", "varlen_attention", "varlen_attention_triton"),
     ("layer_norm", "layer_norm", "layer_norm_triton"),
+    ("attention_with_kvcache", "decode_attention", "decode_attention_triton"),
 ):
     dispatch.register(_op, "triton", _kernel_loader(_module, _attr))
 dispatch.register("routed_ffn", "triton", _routed_ffn_triton_loader)
