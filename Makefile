@@ -12,7 +12,7 @@ $(STAMP): requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*.cu)
 	@$(MAKE) --no-print-directory system-deps
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH) -r requirements.txt
-	$(PY) -m pip install -q --no-build-isolation -e .
+	$(PY) -m pip install -q --no-build-isolation -e ".[hf]"
 	touch $(STAMP)
 
 # Debian packages: espeak-ng speaks the synthetic captions, sox checks audio, libsndfile reads it.

@@ -36,5 +36,7 @@ setup(
     ext_modules=[native_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["omni=omni_core.cli:main"]},
+    # `pip install -e .[hf]`: the transformers attention backend (omni_core.integrations.transformers)
+    extras_require={"hf": ["transformers==5.23.0"]},
     python_requires=">=3.10",
 )
