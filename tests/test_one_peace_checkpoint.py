@@ -17,12 +17,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from omni_core.model.one_peace import convert_main, load_one_peace
+from omni_core.model.omni import PRESETS
+from omni_core.model.one_peace import convert_main, infer_config, key_rules, load_one_peace
 
 D, L, H, FF, V = 32, 2, 4, 48, 60  # width, layers, heads, FFN, vocabulary
 BS_T, BS_A, R, STEM, C = 8, 16, 3, 8, 12  # buckets, image grid (48 px), stem and audio-conv channels
 POS_DEPTH, POS_K, POS_GROUPS, TEXT_POS = 2, 5, 4, 20
 CONVS = [(10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2)]
+SMALL = types.SimpleNamespace(D=D, L=L, H=H, FF=FF, V=V, BS_T=BS_T, BS_A=BS_A, R=R, STEM=STEM, C=C, CONVS=CONVS,
+                              POS_DEPTH=POS_DEPTH, POS_K=POS_K, POS_GROUPS=POS_GROUPS, TEXT_POS=TEXT_POS)
+# The released model (RS/finetune_3B.yaml; ONE-PEACE.md header): stem D/4, pos conv k = 95 // 5.
+RELEASED = types.SimpleNamespace(D=1536, L=40, H=24, FF=6144, V=50264, BS_T=256, BS_A=512, R=16, STEM=384, C=512,
+                                 CONVS=CONVS, POS_DEPTH=5, POS_K=19, POS_GROUPS=16, TEXT_POS=514)
 MODS = ("text", "image", "audio")
 TA, IA, AA = "encoder_wrapper.text_adapter.", "encoder_wrapper.image_adapter.", "encoder_wrapper.audio_adapter."
 FM = "encoder_wrapper.fusion_model."
@@ -50,25 +56,33 @@ def ref_bucket_2d(r: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ a released-format checkpoint
-def released_state(seed: int = 0) -> dict[str, torch.Tensor]:
+def released_state(seed: int = 0, a: types.SimpleNamespace | None = None, meta: bool = False) -> dict:
+    """Every key of ``OnePeaceRetrievalModel`` with its released shape (ONE-PEACE.md §1); random
+    values, or shape-only ``meta`` tensors (for the 4B architecture)."""
+    a = a or SMALL
+    D, L, H, FF, V = a.D, a.L, a.H, a.FF, a.V
+    BS_T, BS_A, R, STEM, C, CONVS = a.BS_T, a.BS_A, a.R, a.STEM, a.C, a.CONVS
+    POS_DEPTH, POS_K, POS_GROUPS, TEXT_POS = a.POS_DEPTH, a.POS_K, a.POS_GROUPS, a.TEXT_POS
     g = torch.Generator().manual_seed(seed)
 
     def w(*shape, std=0.3):
+        if meta:
+            return torch.empty(*shape, device="meta")
         return torch.randn(*shape, generator=g) * std
-
     def norm(prefix):
         return {prefix + "weight": 1 + w(*SHAPE_OF[prefix], std=0.2), prefix + "bias": w(*SHAPE_OF[prefix], std=0.2)}
 
     SHAPE_OF = {}
     s = {TA + "embed_tokens.weight": w(V, D), TA + "embed_positions.weight": w(TEXT_POS, D),
          TA + "cls_embedding": w(1, 1, D), TA + "rel_pos_table_list.0.weight": w(2 * BS_T + 2, H, std=0.5),
-         TA + "rp_bucket": ref_bucket_1d(BS_T)}
+         TA + "rp_bucket": w(1024, 1024) if meta else ref_bucket_1d(BS_T)}
     s |= {IA + "embed_images.0.weight": w(STEM, 3, 4, 4), IA + "embed_images.0.bias": w(STEM),
           IA + "embed_images.3.weight": w(STEM, STEM, 2, 2, std=0.2), IA + "embed_images.3.bias": w(STEM),
           IA + "embed_images.6.weight": w(D, STEM, 2, 2, std=0.2), IA + "embed_images.6.bias": w(D),
           IA + "cls_embedding": w(1, 1, D), IA + "pos_embed": w(R * R + 1, D),
           IA + "rel_pos_table_list.0.weight": w((2 * R - 1) ** 2 + 3, H, std=0.5),
-          IA + "rp_bucket": ref_bucket_2d(R), IA + "position_idx": torch.arange(R * R + 1)}
+          IA + "rp_bucket": w(R * R + 1, R * R + 1) if meta else ref_bucket_2d(R),
+          IA + "position_idx": torch.arange(R * R + 1)}
     for i in (1, 4):
         SHAPE_OF[IA + f"embed_images.{i}.layer_norm."] = (STEM,)
         s |= norm(IA + f"embed_images.{i}.layer_norm.")
@@ -80,7 +94,8 @@ def released_state(seed: int = 0) -> dict[str, torch.Tensor]:
     s |= norm(AA + "embed_audios.2.")
     s |= {AA + "embed_audios.3.weight": w(D, C), AA + "embed_audios.3.bias": w(D),
           AA + "cls_embedding": w(1, 1, D), AA + "cls_pos_embed": w(1, 1, D), AA + "mask_embedding": w(1, D),
-          AA + "rel_pos_table_list.0.weight": w(2 * BS_A + 2, H, std=0.5), AA + "rp_bucket": ref_bucket_1d(BS_A)}
+          AA + "rel_pos_table_list.0.weight": w(2 * BS_A + 2, H, std=0.5),
+          AA + "rp_bucket": w(1024, 1024) if meta else ref_bucket_1d(BS_A)}
     for j in range(1, POS_DEPTH + 1):
         s[AA + f"embed_positions.{j}.0.weight"] = w(D, D // POS_GROUPS, POS_K)
         s[AA + f"embed_positions.{j}.0.bias"] = w(D)
@@ -308,3 +323,19 @@ def test_convert_writes_a_run_that_load_trained_reads(state, tmp_path, capsys):
     model, _ = load_trained(tmp_path / "run")
     _, images, _ = inputs()
     assert torch.equal(model.embed_images(images.float()), load_one_peace(state).embed_images(images.float()))
+
+
+def test_one_peace_4b_preset_is_the_released_architecture():
+    """The released key set at the released shapes (meta tensors: no memory) infers exactly the
+    ``one-peace-4b`` preset, and every key is accounted for."""
+    state = released_state(a=RELEASED, meta=True)
+    cfg, strides_unknown = infer_config(state)
+    preset = PRESETS["one-peace-4b"]
+    assert not strides_unknown
+    training_only = ("drop_path", "layer_scale_init", "audio_max_frames")
+    differ = {k: (v, getattr(cfg, k)) for k, v in vars(preset).items()
+              if k not in training_only and getattr(cfg, k) != v}
+    assert not differ
+    names = {name for name, *_ in key_rules(cfg)}
+    buffers = {k for k in state if k.endswith(("rp_bucket", "position_idx", "version", "mask_embedding"))}
+    assert names == set(state) - buffers and len(names) == 40 * 33 + 68  # 33 per layer
