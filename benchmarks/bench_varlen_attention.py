@@ -17,6 +17,17 @@ Throughput is reported in ``extra_info`` as TFLOP/s of the useful work: 4·Σ L�
 forward (QKᵀ and PV), 2.5 times that for the backward (5 matmuls), so 3.5 times for
 forward + backward. Peers that are not installed are skipped, and everything is skipped
 without a CUDA GPU (never passed).
+
+Decoder rows (``test_causal_gqa_throughput``): a pack of 48 sequences of 128-2048 tokens,
+32 query heads over 8 key/value heads, causal, head dims 64, 80 (padded to 128 inside the
+kernel: this row is the measurement that decides whether a 64+16 column split is worth
+it) and 128; omni against ``flash_attn_varlen_func(causal=True)``. FLOPs count the pairs
+the causal mask keeps, Σ L(L+1)/2.
+
+Decode rows (``test_decode_throughput``): one new token for 16 sequences against caches of
+512-16384 tokens (32 query heads over 8 key heads, dim 128), omni's split-KV kernel
+(``ops.attention_with_kvcache``) against ``flash_attn_with_kvcache``; ``extra_info``
+reports the cache bandwidth (bytes of K and V read / time), the bound of a decode step.
 """
 
 from __future__ import annotations
@@ -147,3 +158,91 @@ def test_varlen_attention_throughput(benchmark, peer, direction):
     benchmark.extra_info["tflops"] = flops(pack, direction == "fwd_bwd") / seconds / 1e12
     benchmark.extra_info["tokens"] = pack["T"]
     assert math.isfinite(benchmark.extra_info["tflops"])
+
+
+# ----------------------------------------------------------------------------- decoders
+
+DEC_HEADS, DEC_KV_HEADS = 32, 8
+
+
+def decoder_lengths(seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [int(n) for n in torch.randint(128, 2049, (48,), generator=g)]
+
+
+def _omni_causal():
+    from omni_core.ops import varlen_attention
+
+    return lambda q, k, v, cu, L: varlen_attention(q, k, v, cu, L, causal=True)
+
+
+def _flash_causal():
+    flash_attn = pytest.importorskip("flash_attn")
+    return lambda q, k, v, cu, L: flash_attn.flash_attn_varlen_func(q, k, v, cu, cu, L, L, causal=True)
+
+
+CAUSAL_PEERS = {"omni": _omni_causal, "flash_attn": _flash_causal}
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+@pytest.mark.parametrize("direction", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("peer", list(CAUSAL_PEERS))
+def test_causal_gqa_throughput(benchmark, peer, direction, head_dim, monkeypatch):
+    monkeypatch.setenv("OMNI_BACKEND", "triton")
+    attend = CAUSAL_PEERS[peer]()
+    lengths = decoder_lengths()
+    T, L = sum(lengths), max(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    grad = direction == "fwd_bwd"
+    q = torch.randn(T, DEC_HEADS, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+    k, v = (torch.randn(T, DEC_KV_HEADS, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+            for _ in range(2))
+    dout = torch.randn_like(q)
+
+    def step():
+        out = attend(q, k, v, cu, L)
+        if grad:
+            out.backward(dout)
+        torch.cuda.synchronize()
+        return out
+
+    out = benchmark.pedantic(step, rounds=10, warmup_rounds=3)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    useful = 4.0 * sum(n * (n + 1) // 2 for n in lengths) * head_dim * DEC_HEADS * (3.5 if grad else 1.0)
+    benchmark.extra_info["tflops"] = useful / benchmark.stats.stats.median / 1e12
+
+
+def _omni_decode():
+    from omni_core.ops import attention_with_kvcache
+
+    return lambda q, kc, vc, seqlens: attention_with_kvcache(q, kc, vc, seqlens, causal=True)
+
+
+def _flash_decode():
+    flash_attn = pytest.importorskip("flash_attn")
+    return lambda q, kc, vc, seqlens: flash_attn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=seqlens,
+                                                                         causal=True)
+
+
+DECODE_PEERS = {"omni": _omni_decode, "flash_attn": _flash_decode}
+
+
+@pytest.mark.parametrize("peer", list(DECODE_PEERS))
+def test_decode_throughput(benchmark, peer, monkeypatch):
+    monkeypatch.setenv("OMNI_BACKEND", "triton")
+    attend = DECODE_PEERS[peer]()
+    B, S, D = 16, 16384, 128
+    g = torch.Generator().manual_seed(0)
+    seqlens = torch.randint(512, S + 1, (B,), generator=g, dtype=torch.int32).cuda()
+    q = torch.randn(B, 1, DEC_HEADS, D, device="cuda", dtype=torch.bfloat16)
+    k_cache, v_cache = (torch.randn(B, S, DEC_KV_HEADS, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+
+    def step():
+        out = attend(q, k_cache, v_cache, seqlens)
+        torch.cuda.synchronize()
+        return out
+
+    out = benchmark.pedantic(step, rounds=20, warmup_rounds=3)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    cache_bytes = 2 * int(seqlens.sum()) * DEC_KV_HEADS * D * 2
+    benchmark.extra_info["cache_GBps"] = cache_bytes / benchmark.stats.stats.median / 1e9
