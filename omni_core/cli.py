@@ -4,9 +4,12 @@
     omni bench packing [--json]       packed step vs ONE-PEACE's padded step
     omni bench kernels --static       static sm_80/sm_90 report of every Triton kernel
     omni bench data [--json]          loader throughput and packing efficiency
+    omni bench inference [--json]     embeddings/s per modality, packed vs padded batches
+    omni bench attention [--json]     native CPU attention vs the torch reference
     omni data synth ...               generate the image–text–audio triplet dataset
     omni pretrain ... / eval ... / embed ...
     omni convert one-peace CKPT --out DIR   a released ONE-PEACE checkpoint → DIR/model.safetensors
+    omni export --run R [--out F]     consolidate a run's sharded checkpoint into one model file
     omni demo                         synth → pretrain (10 min) → eval
 
 User errors (missing files, bad input) print one line and exit 1; OMNI_DEBUG=1 shows the traceback.
@@ -31,10 +34,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("omni_core.eval.retrieval", "main"),
     "embed": ("omni_core.eval.embed", "main"),
     "convert one-peace": ("omni_core.model.one_peace", "convert_main"),
+    "export": ("omni_core.train.export", "main"),
     "demo": ("omni_core.demo", "main"),
     "bench data": ("omni_core.data.bench", "main"),
 }
-BENCH_FILES = {"packing": "packing.py", "kernels": "kernel_report.py"}
+BENCH_FILES = {"packing": "packing.py", "kernels": "kernel_report.py", "inference": "inference.py",
+               "attention": "bench_native_attention.py"}
 
 
 def _benchmark_main(name: str) -> Callable[[list[str]], int]:
