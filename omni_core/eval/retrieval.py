@@ -65,11 +65,27 @@ def format_table(metrics: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def evaluate(run_dir: str | Path, data: str | Path, loader: str = "auto") -> dict:
+def evaluate(run_dir: str | Path, data: str | Path, loader: str = "auto", classify: bool = False) -> dict:
+    """Retrieval in the six directions; with ``classify``, zero-shot shape and colour
+    classification of images and audio (:mod:`omni_core.eval.classify`) under "classify"."""
     model, _ = load_trained(run_dir)
     split = load_split(data, "eval", model.cfg.image_size, loader)
-    metrics = retrieval_metrics(embed_split(model, split.samples))
-    return {**metrics, "num_eval": len(split.samples), "skipped": split.skipped}
+    emb = embed_split(model, split.samples)
+    result = {**retrieval_metrics(emb), "num_eval": len(split.samples), "skipped": split.skipped}
+    if classify:
+        from omni_core.data.tokenizer import load_tokenizer
+        from omni_core.eval.classify import zero_shot
+
+        result["classify"] = zero_shot(model, load_tokenizer(data), [s.text for s in split.samples], emb)
+    return result
+
+
+def format_classify(result: dict) -> str:
+    lines = [f"{'zero-shot':<16}{'shape':>8}{'colour':>8}   (single-object scenes: {result['num_samples']}, "
+             f"chance {result['shape_chance']:.3f})"]
+    for m in ("image", "audio"):
+        lines.append(f"{m:<16}{result[f'{m}_shape_acc']:>8.3f}{result[f'{m}_colour_acc']:>8.3f}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,12 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="dataset directory")
     p.add_argument("--loader", choices=["auto", "dali", "pil"], default="auto")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--classify", action="store_true",
+                   help="also zero-shot shape/colour classification of images and audio with prompted class names")
     p.add_argument("--out", help="also write the JSON here")
     a = p.parse_args(argv)
-    result = evaluate(a.run, a.data, a.loader)
+    result = evaluate(a.run, a.data, a.loader, classify=a.classify)
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2) if a.json else format_table(directions(result)))
+    if a.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_table(directions(result)))
+        if a.classify:
+            print(format_classify(result["classify"]))
     return 0
 
 
