@@ -183,26 +183,48 @@ def ref_images(S, images):
     return encoder(S, x, bias, torch.zeros(x.shape[:2], dtype=torch.bool), "image")
 
 
-def ref_audio_clip(S, wave):
+def hub_waveform(wave):
     wave = F.layer_norm(wave, wave.shape)[: 15 * 16000]  # the hub: normalise the whole clip, crop, tile
     if len(wave) < 16000:
         wave = wave.repeat(math.ceil(16000 / len(wave)))[:16000]
-    x = wave[None, None]
+    return wave
+
+
+def ref_audio_clip(S, wave):
+    return ref_audio_batch(S, [wave])[0]
+
+
+def ref_audio_batch(S, waves):
+    """The hub's batch: zero-padded waveforms, padding mask [B, T+1] from the conv arithmetic."""
+    waves = [hub_waveform(w) for w in waves]
+    x = torch.zeros(len(waves), max(len(w) for w in waves), dtype=waves[0].dtype)
+    for i, w in enumerate(waves):
+        x[i, :len(w)] = w
+    frames = []
+    for w in waves:
+        n = len(w)
+        for k, s in CONVS:
+            n = (n - k) // s + 1
+        frames.append(n)
+    x = x[:, None]
     for i, (_, s) in enumerate(CONVS):
         x = F.conv1d(x, S[AA + f"embed_audios.0.conv_layers.{i}.0.weight"], stride=s)
         x = F.gelu(ln(x.transpose(1, 2), S[AA + f"embed_audios.0.conv_layers.{i}.2.1.weight"],
                       S[AA + f"embed_audios.0.conv_layers.{i}.2.1.bias"]).transpose(1, 2))
     f = ln(x.transpose(1, 2), S[AA + "embed_audios.2.weight"], S[AA + "embed_audios.2.bias"])
-    f = f @ S[AA + "embed_audios.3.weight"].T + S[AA + "embed_audios.3.bias"]  # [1, T, D]
+    f = f @ S[AA + "embed_audios.3.weight"].T + S[AA + "embed_audios.3.bias"]  # [B, T, D]
     p = f.transpose(1, 2)
     for j in range(1, POS_DEPTH + 1):
         p = F.conv1d(p, S[AA + f"embed_positions.{j}.0.weight"], S[AA + f"embed_positions.{j}.0.bias"],
                      padding=POS_K // 2, groups=POS_GROUPS)
         p = F.gelu(ln(p.transpose(1, 2)).transpose(1, 2))
-    x = torch.cat([S[AA + "cls_embedding"], f], dim=1) + torch.cat([S[AA + "cls_pos_embed"], p.transpose(1, 2)], 1)
+    B = len(waves)
+    x = torch.cat([S[AA + "cls_embedding"].expand(B, 1, D), f], dim=1)
+    x = x + torch.cat([S[AA + "cls_pos_embed"].expand(B, 1, D), p.transpose(1, 2)], 1)
     T = x.shape[1]
+    pad = torch.arange(T)[None, :] > torch.tensor(frames)[:, None]  # column 0 (CLS) stays False
     bias = rel_bias(S[AA + "rel_pos_table_list.0.weight"], ref_bucket_1d(BS_A)[:T, :T])
-    return encoder(S, x, bias, torch.zeros(1, T, dtype=torch.bool), "audio")[0]
+    return encoder(S, x, bias, pad, "audio")
 
 
 # ----------------------------------------------------------------------------------- the tests
@@ -210,7 +232,8 @@ def inputs(seed=1):
     g = torch.Generator().manual_seed(seed)
     ids = [torch.cat([torch.randint(4, V, (n,), generator=g), torch.tensor([2])]) for n in (3, 11, 7, 19 - 1)]
     images = torch.randn(3, 3, 16 * R, 16 * R, generator=g, dtype=torch.float64)
-    waves = [torch.randn(n, generator=g, dtype=torch.float64) * 0.1 for n in (5000, 21000, 17000)]
+    # < 1 s (tiled), two ordinary clips, > 15 s (cropped)
+    waves = [torch.randn(n, generator=g, dtype=torch.float64) * 0.1 for n in (5000, 21000, 17000, 256000)]
     return ids, images, waves
 
 
@@ -339,3 +362,14 @@ def test_one_peace_4b_preset_is_the_released_architecture():
     names = {name for name, *_ in key_rules(cfg)}
     buffers = {k for k in state if k.endswith(("rp_bucket", "position_idx", "version", "mask_embedding"))}
     assert names == set(state) - buffers and len(names) == 40 * 33 + 68  # 33 per layer
+
+
+def test_the_hub_batch_leaks_padding_into_short_clips_and_we_do_not(state, reference):
+    """The documented deviation: ONE-PEACE's padded audio batch changes a short clip's embedding
+    (padded frames feed its positional convs); ours is the clip's embedding alone."""
+    _, _, waves = inputs()
+    batched = ref_audio_batch(state, waves)
+    leak = (batched - reference[2]).abs().max(dim=1).values
+    assert leak[3] < 1e-12  # the longest clip has no padding
+    assert leak[:3].max() > 1e-3, leak
+    print(f"hub batch vs alone, max abs per clip: {[f'{v:.2e}' for v in leak.tolist()]}")
