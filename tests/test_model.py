@@ -138,3 +138,10 @@ def test_cli_model_info_prints_parameter_count(preset):
                          capture_output=True, text=True, check=True).stdout
     expected = OmniModel.from_preset(preset, device="meta").num_parameters()
     assert f"{expected:,}" in out
+
+
+def test_omni_model_is_importable_from_the_package_and_model_module():
+    import omni_core
+    import omni_core.model
+
+    assert omni_core.OmniModel is omni_core.model.OmniModel is OmniModel
