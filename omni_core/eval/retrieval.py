@@ -54,6 +54,24 @@ def retrieval_metrics(emb: dict[str, torch.Tensor]) -> dict[str, dict[str, float
     return out
 
 
+def scene_breakdown(emb: dict[str, torch.Tensor], captions: list[str]) -> dict[str, dict[str, float]]:
+    """R@1 of every direction over single-object queries and over two-object queries (all
+    candidates ranked): tells whether "a red star on the left" is confused with a scene that
+    also holds a red star on the left."""
+    pair = torch.tensor([" and " in c for c in captions])
+    out = {}
+    for kind, select in (("single_object", ~pair), ("two_objects", pair)):
+        if not select.any():
+            continue
+        row = {"num_queries": int(select.sum())}
+        for query, target in DIRECTIONS:
+            sim = emb[query] @ emb[target].t()
+            rank = (sim > sim.diagonal()[:, None]).sum(dim=1)
+            row[f"{query}->{target}"] = round((rank[select] < 1).float().mean().item(), 4)
+        out[kind] = row
+    return out
+
+
 def directions(result: dict) -> dict[str, dict[str, float]]:
     return {f"{q}->{t}": result[f"{q}->{t}"] for q, t in DIRECTIONS}
 
@@ -72,6 +90,7 @@ def evaluate(run_dir: str | Path, data: str | Path, loader: str = "auto", classi
     split = load_split(data, "eval", model.cfg.image_size, loader)
     emb = embed_split(model, split.samples)
     result = {**retrieval_metrics(emb), "num_eval": len(split.samples), "skipped": split.skipped}
+    result["by_scene"] = scene_breakdown(emb, [s.text for s in split.samples])
     if classify:
         from omni_core.data.tokenizer import load_tokenizer
         from omni_core.eval.classify import zero_shot
