@@ -38,8 +38,14 @@ from omni_core.kernels._aot import AotConfig
 POISON_OUTPUTS = False
 
 
+# The traffic model (benchmarks/traffic.py) sets this: under the interpreter, launch with the
+# tiles and grid a GPU (an H100, 132 SMs) would get instead of the small test tiles.
+INTERPRET_AS_COMPILED = False
+_MODEL_SMS = 132
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" and not INTERPRET_AS_COMPILED
 
 
 def new_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -176,9 +182,9 @@ def row_warps(n_block: int) -> int:
 
 def rows_per_program(rows: int, block_rows: int, device: torch.device) -> int:
     """Rows per backward program: about four programs per SM (one per row block when tiny)."""
-    if interpreting() or device.type != "cuda":
+    if interpreting() or (device.type != "cuda" and not INTERPRET_AS_COMPILED):
         return 2 * block_rows  # several chunks per group even in small tests
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else _MODEL_SMS
     per = triton.cdiv(rows, 4 * sms)
     return max(block_rows, triton.cdiv(per, block_rows) * block_rows)
 
@@ -260,7 +266,8 @@ def _layer_norm_fwd_op(
 def _(x, weight, bias, eps):
     rows = x.numel() // max(x.shape[-1], 1)
     stats = x.new_empty((rows,), dtype=torch.float32)
-    return torch.empty_like(x), stats, stats.clone()
+    # new_empty, not empty_like: the real y is contiguous whatever x's strides are.
+    return x.new_empty(x.shape), stats, stats.clone()
 
 
 @torch.library.custom_op("omni_core::layer_norm_bwd", mutates_args=())
@@ -281,7 +288,7 @@ def _layer_norm_bwd_op(
 @_layer_norm_bwd_op.register_fake
 def _(dy, x, weight, has_bias, mean, rstd):
     N = x.shape[-1]
-    return (torch.empty_like(x), x.new_empty((N if weight is not None else 0,)),
+    return (x.new_empty(x.shape), x.new_empty((N if weight is not None else 0,)),
             x.new_empty((N if has_bias else 0,)))
 
 

@@ -63,6 +63,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from omni_core.kernels import layer_norm as ln_kernels
 from omni_core.kernels._aot import AotConfig
 from omni_core.kernels.layer_norm import (
     group_tile,
@@ -395,7 +396,9 @@ def _tuned(kernel: triton.JITFunction, half_configs: list[tuple[int, int, int, i
         wanted = full if named_args[kernel.arg_names[0]].dtype == torch.float32 else half
         return [c for c in configs if any(c is w for w in wanted)]
 
-    return triton.autotune(configs=half + full, key=key, prune_configs_by={"early_config_prune": by_dtype})(kernel)
+    tuned = triton.autotune(configs=half + full, key=key, prune_configs_by={"early_config_prune": by_dtype})(kernel)
+    tuned.model_configs = half_configs
+    return tuned
 
 
 _ffn_in_tuned = _tuned(_ffn_in_kernel, GEMM1_CONFIGS, ["D", "F", "GATED"])
@@ -422,10 +425,13 @@ def _launch(kernel: triton.JITFunction, tuned, grid_rows, grid_cols, *args, **fl
 
     ``grid_rows(BLOCK_M)``/``grid_cols(BLOCK_N)`` give the grid for a tile shape.
     """
-    if interpreting():
+    if interpreting() or ln_kernels.INTERPRET_AS_COMPILED:
         bm, bn, bk = _INTERPRET_BLOCKS
+        warps = 4
+        if ln_kernels.INTERPRET_AS_COMPILED:  # the traffic model: the first GPU config
+            bm, bn, bk, warps, _ = (FP32_CONFIGS if args[0].dtype == torch.float32 else tuned.model_configs)[0]
         kernel[(grid_rows(bm), grid_cols(bn))](*args, **flags, INTERPRET=True,
-                                               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                                               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     else:
         tuned[lambda meta: (grid_rows(meta["BLOCK_M"]), grid_cols(meta["BLOCK_N"]))](
             *args, **flags, INTERPRET=False)
@@ -477,7 +483,8 @@ def _forward(
     T, D = x.shape
     M, _, F = w_in.shape
     U = new_buffer((T, F), x.dtype, x.device)
-    G = new_buffer((T, F), x.dtype, x.device) if w_gate is not None else x.new_empty((0,))
+    # Without a gate G is empty but keeps its [*, F] rank: the fake implementation says (0, F).
+    G = new_buffer((T if w_gate is not None else 0, F), x.dtype, x.device)
     H = new_buffer((T, F), x.dtype, x.device)
     if T:
         _launch(
@@ -512,7 +519,7 @@ def _backward(
     hn = new_buffer((T, F), x.dtype, x.device)
     du = new_buffer((T, F), x.dtype, x.device)
     dg = new_buffer((T, F), x.dtype, x.device) if gated else None
-    block_rows, block_n, warps = _hidden_blocks(F)
+    block_rows, block_n, warps = _hidden_blocks(F, compiled=ln_kernels.INTERPRET_AS_COMPILED)
     per = rows_per_program(T, block_rows, x.device)
     progs = triton.cdiv(T, per) + M - 1 if T else 0
     part_w = new_buffer((progs, F), torch.float32, x.device)
@@ -547,12 +554,19 @@ def _backward(
 # ---------------------------------------------------------------------------------------------
 
 
+def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.contiguous() if t is not None else None
+
+
 @torch.library.custom_op("omni_core::routed_ffn_fwd", mutates_args=())
 def _routed_ffn_fwd_op(
     x: torch.Tensor, perm: torch.Tensor, offsets: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
     b_in: torch.Tensor | None, b_out: torch.Tensor | None, w_gate: torch.Tensor | None,
     ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # The kernels index dense row-major tensors; a strided caller gets a copy, not wrong numbers.
+    x, perm, offsets, w_in, w_out, b_in, b_out, w_gate, ln_weight, ln_bias = (
+        _dense(t) for t in (x, perm, offsets, w_in, w_out, b_in, b_out, w_gate, ln_weight, ln_bias))
     return _forward(x, perm, offsets, w_in, w_out, b_in, b_out, w_gate, ln_weight, ln_bias, eps)
 
 
@@ -560,7 +574,8 @@ def _routed_ffn_fwd_op(
 def _(x, perm, offsets, w_in, w_out, b_in, b_out, w_gate, ln_weight, ln_bias, eps):
     T, F = x.shape[0], w_in.shape[2]
     stats = T if ln_weight is not None else 0
-    return (torch.empty_like(x), x.new_empty((T, F)), x.new_empty((T if w_gate is not None else 0, F)),
+    # new_empty, not empty_like: the real outputs are fresh contiguous buffers whatever x's strides.
+    return (x.new_empty((T, x.shape[1])), x.new_empty((T, F)), x.new_empty((T if w_gate is not None else 0, F)),
             x.new_empty((stats,), dtype=torch.float32), x.new_empty((stats,), dtype=torch.float32))
 
 
@@ -571,6 +586,8 @@ def _routed_ffn_bwd_op(
     ln_bias: torch.Tensor | None, has_b_in: bool, has_b_out: bool,
     U: torch.Tensor, G: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
 ) -> list[torch.Tensor]:
+    dy, x, perm, offsets, w_in, w_out, w_gate, ln_weight, ln_bias = (
+        _dense(t) for t in (dy, x, perm, offsets, w_in, w_out, w_gate, ln_weight, ln_bias))
     grads = _backward(dy, x, perm, offsets, w_in, w_out, w_gate, ln_weight, ln_bias, has_b_in, has_b_out,
                       U, G, mean, rstd)
     return [g if g is not None else x.new_empty((0,)) for g in grads]
@@ -583,7 +600,7 @@ def _(dy, x, perm, offsets, w_in, w_out, w_gate, ln_weight, ln_bias, has_b_in, h
     def maybe(flag: bool, shape: tuple[int, ...]) -> torch.Tensor:
         return x.new_empty(shape if flag else (0,))
 
-    return [torch.empty_like(x), torch.empty_like(w_in), torch.empty_like(w_out), maybe(has_b_in, (M, F)),
+    return [x.new_empty(x.shape), x.new_empty(w_in.shape), x.new_empty(w_out.shape), maybe(has_b_in, (M, F)),
             maybe(has_b_out, (M, D)), maybe(w_gate is not None, (M, D, F)),
             maybe(ln_weight is not None, (M, F)), maybe(ln_bias is not None, (M, F))]
 

@@ -87,11 +87,44 @@ def test_public_op_dispatches_to_the_kernel(monkeypatch):
     assert rel_err(y, torch_ln(x.double(), w.double(), b.double(), 1e-5)) <= CAPS[torch.float32]
 
 
-def test_custom_op_registration():
-    x = torch.randn(6, 24, requires_grad=True)
-    w = torch.randn(24, requires_grad=True)
-    torch.library.opcheck(torch.ops.omni_core.layer_norm_fwd.default, (x, w, None, 1e-5),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+AFFINE = ["weight_bias", "weight_only", "none"]
+
+
+def _ln_args(affine: str, strided: bool) -> tuple:
+    x = torch.randn(6, 24) * 2.0 + 0.5
+    if strided:  # same values, column-major storage: y must still come out contiguous
+        x = x.t().contiguous().t()
+    w = (1.0 + 0.3 * torch.randn(24)).requires_grad_() if affine != "none" else None
+    b = (0.3 * torch.randn(24)).requires_grad_() if affine == "weight_bias" else None
+    return x.requires_grad_(), w, b, 1e-5
+
+
+@pytest.mark.parametrize("affine", AFFINE)
+def test_custom_op_registration(affine):
+    """Schema, fakes and autograd registration agree with the real op, strided input included."""
+    for strided in (False, True):
+        torch.library.opcheck(torch.ops.omni_core.layer_norm_fwd.default, _ln_args(affine, strided),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("affine", AFFINE)
+def test_torch_compile_fullgraph(affine):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    args = _ln_args(affine, False)
+    leaves = [a for a in args[:3] if a is not None]
+
+    def fn(x, w, b, eps):
+        return ln_kernels.layer_norm_triton(x, w, b, eps)
+
+    dy = torch.randn(args[0].shape)
+    y = torch.compile(fn, fullgraph=True)(*args)
+    compiled = torch.autograd.grad(y, leaves, dy)
+    eager = torch.autograd.grad(fn(*args), leaves, dy)
+    assert torch.equal(y, fn(*args))
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
 
 
 @pytest.fixture

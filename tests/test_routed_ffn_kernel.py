@@ -136,15 +136,57 @@ def test_public_op_dispatches_to_the_kernel(monkeypatch):
     assert rel_err(y, ref) <= CAPS[torch.float32]
 
 
-def test_custom_op_registration():
-    """Schema, fake (meta) kernel and autograd registration agree with the real op."""
+# Every specialisation of the custom op: gate (GeGLU/GELU) x sub-LN x b_out.
+OP_VARIANTS = [(gated, ln, b_out) for gated in (True, False) for ln in (True, False) for b_out in (True, False)]
+
+
+def _op_args(gated: bool, ln: bool, b_out: bool, strided_x: bool = False) -> tuple:
+    """Arguments of ``routed_ffn_fwd`` for a variant; all float leaves require grad."""
     p = make_params("geglu_subln")
-    x = p["x"][:9].requires_grad_()
-    perm, offsets = ffn_kernels.group_by_modality(make_modality("mixed")[:9], M)
-    args = (x, perm, offsets, p["w_in"].requires_grad_(), p["w_out"], None, None, p["w_gate"],
-            p["ln_weight"], p["ln_bias"], 1e-5)
-    torch.library.opcheck(torch.ops.omni_core.routed_ffn_fwd.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    n = 9
+    x = p["x"][:n]
+    if strided_x:  # same values, column-major storage: outputs must still be contiguous
+        x = x.t().contiguous().t()
+    perm, offsets = ffn_kernels.group_by_modality(make_modality("mixed")[:n], M)
+    leaf = lambda t: t.clone().requires_grad_()  # noqa: E731
+    return (leaf(x), perm, offsets, leaf(p["w_in"]), leaf(p["w_out"]), None,
+            leaf(torch.randn(M, D)) if b_out else None, leaf(p["w_gate"]) if gated else None,
+            leaf(p["ln_weight"]) if ln else None, leaf(p["ln_bias"]) if ln else None, 1e-5)
+
+
+@pytest.mark.parametrize(("gated", "ln", "b_out"), OP_VARIANTS,
+                         ids=[f"{'geglu' if g else 'gelu'}-{'ln' if n else 'noln'}-{'bout' if b else 'nobout'}"
+                              for g, n, b in OP_VARIANTS])
+def test_custom_op_registration(gated, ln, b_out):
+    """Schema, fake (meta) kernel and autograd registration agree with the real op, for every
+    variant and for a strided x (the fakes must not copy strides the real outputs lack)."""
+    for strided in (False, True):
+        torch.library.opcheck(torch.ops.omni_core.routed_ffn_fwd.default, _op_args(gated, ln, b_out, strided),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize(("gated", "ln", "b_out"), OP_VARIANTS,
+                         ids=[f"{'geglu' if g else 'gelu'}-{'ln' if n else 'noln'}-{'bout' if b else 'nobout'}"
+                              for g, n, b in OP_VARIANTS])
+def test_torch_compile_fullgraph(gated, ln, b_out):
+    """``torch.compile(fullgraph=True)`` traces forward and backward through the fakes and runs
+    the real kernels; output and gradients equal eager's."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    args = _op_args(gated, ln, b_out)
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def fn(*a):
+        return torch.ops.omni_core.routed_ffn_fwd(*a)[0]
+
+    dy = torch.randn(args[0].shape)
+    eager = torch.autograd.grad(fn(*args), leaves, dy)
+    y = torch.compile(fn, fullgraph=True)(*args)
+    compiled = torch.autograd.grad(y, leaves, dy)
+    assert torch.equal(y, fn(*args))
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
 
 
 # --- Bad input: clear errors from the public op before any kernel launch -------------------
