@@ -17,6 +17,7 @@ Usage::
 
     python benchmarks/kernel_report.py --static [--kernel SUBSTR] [--quick]
     python benchmarks/kernel_report.py --json   [--kernel SUBSTR] [--quick]
+    python benchmarks/kernel_report.py --traffic [--json] [--kernel SUBSTR] [--case SUBSTR]
 
 The compiler's code path must not be the interpreter's: under ``TRITON_INTERPRET=1`` the
 report re-runs itself in a child process without that variable.
@@ -183,8 +184,17 @@ def main(argv: list[str]) -> int:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--static", action="store_true", help="print a table")
     mode.add_argument("--json", action="store_true", help="print a JSON list, one object per config")
+    mode.add_argument("--traffic", action="store_true",
+                      help="the traffic model (benchmarks/traffic.py): bytes, FLOPs, atomics, roofline; "
+                           "with --json, JSON")
     parser.add_argument("--kernel", default=None, help="only kernels whose name contains SUBSTR")
     parser.add_argument("--quick", action="store_true", help="one fp16 config per kernel")
+    if "--traffic" in argv:
+        # The traffic model runs the kernels under the interpreter: its own process, its own flags.
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        traffic = os.path.join(os.path.dirname(os.path.abspath(__file__)), "traffic.py")
+        rest = [a for a in argv if a != "--traffic"]
+        return subprocess.run([sys.executable, traffic, *rest], env=env).returncode
     args = parser.parse_args(argv)
 
     if os.environ.get("TRITON_INTERPRET") == "1":

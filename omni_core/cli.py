@@ -3,6 +3,7 @@
     omni model info PRESET            parameter count and shape of a preset
     omni bench packing [--json]       packed step vs ONE-PEACE's padded step
     omni bench kernels --static       static sm_80/sm_90 report of every Triton kernel
+    omni bench kernels --traffic      traffic model: bytes, FLOPs, atomics, H100/A100 roofline [--json]
     omni bench data [--json]          loader throughput and packing efficiency
     omni bench inference [--json]     embeddings/s per modality, packed vs padded batches
     omni bench attention [--json]     native CPU attention vs the torch reference
