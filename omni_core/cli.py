@@ -1,6 +1,7 @@
 """The ``omni`` command.
 
     omni model info PRESET            parameter count and shape of a preset
+    omni model plan --preset P --gpus G --gpu-mem GiB   per-GPU memory and the largest token budget
     omni bench packing [--json]       packed step vs ONE-PEACE's padded step
     omni bench kernels --static       static sm_80/sm_90 report of every Triton kernel
     omni bench kernels --traffic      traffic model: bytes, FLOPs, atomics, H100/A100 roofline [--json]
@@ -91,6 +92,10 @@ def _run(argv: list[str]) -> int:
     head2 = " ".join(argv[:2])
     if head2 == "model info":
         return model_info(argv[2:])
+    if head2 == "model plan":
+        from omni_core.model.plan import main as plan_main
+
+        return plan_main(argv[2:])
     if argv[0] == "bench" and len(argv) > 1 and argv[1] in BENCH_FILES:
         return _benchmark_main(argv[1])(argv[2:])
     for name, (module, attr) in COMMANDS.items():
