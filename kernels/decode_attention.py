@@ -142,7 +142,10 @@ def _merge_kernel(
 # ----------------------------------------------------------------------------- configs
 
 # (BLOCK_N, num_warps, num_stages) by operand kind and padded head-dim tier; BLOCK_M is set
-# by the number of stacked rows (G * Lq, at least 16, at most 64).
+# by the number of stacked rows (G * Lq, at least 16, at most 64). With 16 rows the dots
+# are HMMA (mma.sync) on sm_90 too: warpgroup MMA (HGMMA) needs 64 rows per warpgroup, and
+# padding a decode tile to 64 rows would quadruple its MMA work for nothing, since a decode
+# step is bound by reading the cache; 64-row tiles (G * Lq > 32) get HGMMA.
 SPLIT_CONFIGS = {
     ("half", 64): (64, 4, 2),
     ("half", 128): (64, 4, 2),

@@ -31,6 +31,7 @@ import torch
 
 from omni_core.integrations.flash_attn import _uniform_cu_seqlens
 from omni_core.ops import varlen_attention
+from omni_core.ops.memo import memoised
 
 NAME = "omni"
 
@@ -69,10 +70,10 @@ def omni_attention_forward(
         out = _attend(q, k, v, _uniform_cu_seqlens(B, Lq, q.device), Lq, _uniform_cu_seqlens(B, Lk, q.device), Lk,
                       scaling, causal, Lq == Lk)
         return out.view(B, Lq, H, -1), None
-    k_valid = attention_mask.to(torch.bool)
-    q_valid = k_valid[:, -Lq:]
-    q_rows, k_rows = q_valid.flatten().nonzero().squeeze(1), k_valid.flatten().nonzero().squeeze(1)
-    (cu_q, max_q), (cu_k, max_k) = _cu_seqlens(q_valid), _cu_seqlens(k_valid)
+    # One layout per mask tensor (every layer of a forward shares it): one host sync, and the
+    # same cu_seqlens tensors, so the op's per-batch checks stay memoised across layers.
+    q_rows, k_rows, (cu_q, max_q), (cu_k, max_k) = memoised(("omni hf layout", Lq), (attention_mask,),
+                                                            lambda: _layout(attention_mask, Lq))
     packed = _attend(q.index_select(0, q_rows), k.index_select(0, k_rows), v.index_select(0, k_rows), cu_q, max_q,
                      cu_k, max_k, scaling, causal, Lq == Lk)
     out = packed.new_zeros(B * Lq, H, packed.shape[-1]).index_copy(0, q_rows, packed)
@@ -83,6 +84,15 @@ def _attend(q, k, v, cu_q, max_q, cu_k, max_k, scale, causal, same: bool):
     """``same``: queries and keys are the same tokens (Lq == Lk), i.e. self-attention."""
     cross = {} if same else {"cu_seqlens_k": cu_k, "max_seqlen_k": max_k}
     return varlen_attention(q, k, v, cu_q, max_q, softmax_scale=scale, causal=causal, **cross)
+
+
+def _layout(attention_mask: torch.Tensor, Lq: int):
+    """Packed rows of the valid queries (the mask's last Lq columns) and keys, and their
+    cu_seqlens and longest sequence."""
+    k_valid = attention_mask.to(torch.bool)
+    q_valid = k_valid[:, -Lq:]
+    q_rows, k_rows = q_valid.flatten().nonzero().squeeze(1), k_valid.flatten().nonzero().squeeze(1)
+    return q_rows, k_rows, _cu_seqlens(q_valid), _cu_seqlens(k_valid)
 
 
 def _cu_seqlens(valid: torch.Tensor) -> tuple[torch.Tensor, int]:
