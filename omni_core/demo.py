@@ -78,9 +78,10 @@ def plot(runs: list[Path], out: Path, result: dict, title: str) -> Path:
     return path
 
 
-def run_recipe(recipe: str, data: Path, run: Path, minutes: float, seed: int, eval_every: float) -> list[Path]:
+def run_recipe(recipe: str, data: Path, run: Path, minutes: float, seed: int, eval_every: float,
+               hard_negatives: bool) -> list[Path]:
     """Train with a demo recipe; returns the run directories in order (the last is final)."""
-    common = dict(data=str(data), seed=seed, eval_every_s=eval_every)
+    common = dict(data=str(data), seed=seed, eval_every_s=eval_every, hard_negatives=hard_negatives)
     if recipe == "two-stage":
         first, second = run / "stage1", run
         run.mkdir(parents=True)
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-samples", type=int, default=4000)
     p.add_argument("--eval-samples", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=True,
+                   help="compose steps from samples sharing object phrases (default on)")
     a = p.parse_args(argv)
     data, run = Path(a.data), Path(a.run)
     start = time.perf_counter()
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if run.exists():
         shutil.rmtree(run)  # a fresh run each time; `omni pretrain --resume` is for continuing one
     print(f"[2/3] pre-training the tiny preset for {a.minutes:g} minutes, recipe {a.recipe}")
-    runs = run_recipe(a.recipe, data, run, a.minutes, a.seed, a.eval_every)
+    runs = run_recipe(a.recipe, data, run, a.minutes, a.seed, a.eval_every, a.hard_negatives)
     summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
     steps = sum(s["steps"] for s in summaries)
     print(f"      {steps} steps, {sum(s['tokens'] for s in summaries):,} tokens, "
@@ -126,11 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     print("[3/3] evaluating retrieval and zero-shot classification on the eval split")
     result = evaluate(run, data, classify=True)
     result["recipe"] = a.recipe
+    result["hard_negatives"] = a.hard_negatives
     result["train"] = [{k: v for k, v in s.items() if k != "skipped"} for s in summaries]
     (run / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     print(format_table(directions(result)))
     print(format_classify(result["classify"]))
-    title = f"omni demo --recipe {a.recipe}: {a.minutes:g} training minutes, tiny preset, seed {a.seed}"
+    title = (f"omni demo --recipe {a.recipe}{'' if a.hard_negatives else ' --no-hard-negatives'}: "
+             f"{a.minutes:g} training minutes, tiny preset, seed {a.seed}")
     print(f"wrote {run / 'eval.json'} and {plot(runs, run, result, title)}; total {time.perf_counter() - start:.0f} s")
     return 0
 

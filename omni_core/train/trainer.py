@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from omni_core.data.collator import PackingCollator, fixed_groups
+from omni_core.data.hard_negatives import clustered_order, next_fit
 from omni_core.data.sample import Sample
 from omni_core.data.tokenizer import load_tokenizer
 from omni_core.model.omni import OmniConfig, OmniModel
@@ -60,6 +61,7 @@ class TrainArgs:
     gather_grad: bool = False
     eval_every_s: float | None = None  # retrieval on the eval split every so many training seconds
     eval_samples: int = 500
+    hard_negatives: bool = False  # steps cut from a phrase-clustered order (omni_core.data.hard_negatives)
     batch_size: int | None = None  # fixed samples per step; None: pack steps up to token_budget
     token_budget: int = 2800
     lr: float = 2e-3
@@ -109,9 +111,14 @@ def epoch_groups(model: OmniModel, samples: list[Sample], args: TrainArgs, epoch
     """The steps of an epoch: its sample order, drawn from (seed, epoch), cut into fixed
     batches or packed up to the token budget (first-fit-decreasing). A pure function of
     (seed, epoch), so a resumed run sees the same steps."""
-    ordered = [samples[i] for i in epoch_order(len(samples), args.seed, epoch).tolist()]
+    if args.hard_negatives:  # related samples adjacent, steps cut in order
+        ordered = [samples[i] for i in clustered_order(samples, args.seed, epoch)]
+    else:
+        ordered = [samples[i] for i in epoch_order(len(samples), args.seed, epoch).tolist()]
     if args.batch_size:
         groups = list(fixed_groups(ordered, args.batch_size, drop_last=True))
+    elif args.hard_negatives:
+        groups = list(next_fit(ordered, args.token_budget, cost=lambda s: sample_tokens(model, s)))
     else:
         groups = list(PackingCollator(args.token_budget, cost=lambda s: sample_tokens(model, s))(ordered))
     return [g for g in groups if len(g) >= 2]  # a contrastive step needs negatives
@@ -320,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gather-grad", action="store_true",
                    help="distributed: contrastive negatives from other ranks carry gradient")
     p.add_argument("--eval-every", type=float, help="evaluate retrieval every so many training seconds")
+    p.add_argument("--hard-negatives", action="store_true",
+                   help="compose steps from samples that share object phrases (token budget only)")
     p.add_argument("--audio-front-end", choices=["conv", "mel"], help="override the preset's")
     p.add_argument("--steps", type=int, help="train this many steps")
     p.add_argument("--minutes", type=float, help="or train for this wall-clock budget")
@@ -338,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     overrides = {"audio_front_end": a.audio_front_end} if a.audio_front_end else {}
     args = TrainArgs(data=a.data, out=a.out, preset=a.preset, overrides=overrides, recipe=a.recipe, stage=a.stage,
-                     init=a.init, gather_grad=a.gather_grad, eval_every_s=a.eval_every, batch_size=a.batch_size,
+                     init=a.init, gather_grad=a.gather_grad, eval_every_s=a.eval_every,
+                     hard_negatives=a.hard_negatives, batch_size=a.batch_size,
                      token_budget=a.token_budget, lr=a.lr, warmup_steps=a.warmup_steps, seed=a.seed,
                      steps=a.steps, minutes=a.minutes,
                      ckpt_every=a.ckpt_every, loader=a.loader, resume=a.resume, progress=not a.no_progress)
