@@ -7,16 +7,18 @@ import torch
 
 from omni_core.data.loader import CLIP_MEAN, CLIP_STD, ShardDataset, load_eval_split
 from omni_core.data.shards import ShardError, ShardWriter, read_shard
+from omni_core.data.tokenizer import load_tokenizer
 
 
 def test_sample_shapes_and_normalisation(dataset):
     samples = load_eval_split(dataset)
+    eos = load_tokenizer(dataset).eos_id
     assert [s.key for s in samples] == [f"eval-{i:07d}" for i in range(8)]
     for s in samples:
         assert s.image.shape == (3, 64, 64) and s.image.dtype == torch.float32
         assert s.audio.dtype == torch.float32 and s.audio.dim() == 1 and s.audio.numel() >= 16000
         assert abs(s.audio.mean().item()) < 1e-4 and abs(s.audio.std().item() - 1) < 1e-3
-        assert s.token_ids.dtype == torch.long and 0 < len(s.token_ids) <= 70
+        assert s.token_ids.dtype == torch.long and 0 < len(s.token_ids) <= 71 and int(s.token_ids[-1]) == eos
         pixels = s.image * CLIP_STD + CLIP_MEAN
         assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
         assert s.text.startswith(("a ", "an "))

@@ -18,7 +18,7 @@ AUDIO_STRIDE = 320  # wav2vec2-style front end: 50 frames/s at 16 kHz
 
 
 def triplet_tokens(sample: Sample, patch: int = 16, audio_stride: int = AUDIO_STRIDE) -> int:
-    """Tokens of an image+audio+text sample: text + EOS, image patches + CLS, audio frames + CLS."""
+    """Tokens of an image+audio+text sample: text (ids end with EOS) + CLS, image patches + CLS, audio frames + CLS."""
     _, h, w = sample.image.shape
     return (len(sample.token_ids) + 1) + ((h // patch) * (w // patch) + 1) + (len(sample.audio) // audio_stride + 1)
 

@@ -13,7 +13,7 @@ class Sample:
 
     image: float32 [3, H, W], normalised with the CLIP mean/std.
     audio: float32 [S], mono 16 kHz, zero mean and unit variance per clip.
-    token_ids: int64 [L], BPE ids of `text` without special tokens, L <= 70.
+    token_ids: int64 [L], BPE ids of `text` (at most 70) followed by EOS; no CLS (the model adds it).
     """
 
     key: str

@@ -86,14 +86,20 @@ def learning_rate(args: TrainArgs, step: int, progress: float) -> float:
     return floor + (args.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+# ONE-PEACE decays no bias, norm, position table, CLS or relative-position table; the
+# modality-stacked biases and norms ([M, D] here) count as what they are, not as matrices.
+NO_DECAY = {"pos", "positions", "bias_table", "cls", "cls_pos", "mask_token", "logit_scale", "b_in", "b_out",
+            "ln_weight", "ln_bias", "bias"}
+
+
+def decays(name: str, p: torch.nn.Parameter) -> bool:
+    return p.dim() >= 2 and name.rsplit(".", 1)[-1] not in NO_DECAY and "norm" not in name
+
+
 def make_optimizer(model: OmniModel, args: TrainArgs) -> torch.optim.AdamW:
-    no_decay = ("rel_pos", "bias_table", "cls", "pos", "logit_scale", "mask_token")
-    decay, rest = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (rest if p.dim() < 2 or any(k in name for k in no_decay) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in trainable if decays(n, p)], "weight_decay": args.weight_decay},
+              {"params": [p for n, p in trainable if not decays(n, p)], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
 
 
