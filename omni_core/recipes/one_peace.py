@@ -208,10 +208,13 @@ class OnePeaceRecipe:
         batch = model.pack(embedded, sequences)
         features = model.encode(batch)
         spans: dict[int, list] = {}
-        for span in batch.segments:
+        parts: dict[int, list[torch.Tensor]] = {}
+        # split, not a slice per segment: backward concatenates instead of zero-filling [T, D] each time
+        for span, part in zip(batch.segments, torch.split(features, [s.length for s in batch.segments])):
             spans.setdefault(span.sequence, []).append(span)
+            parts.setdefault(span.sequence, []).append(part)
         for k, v in enumerate(views):
-            out[v] = [[features[s.start:s.start + s.length] for s in spans[k * n + i]] for i in range(n)]
+            out[v] = [parts[k * n + i] for i in range(n)]
             out[f"{v}:spans"] = [spans[k * n + i] for i in range(n)]
         return features, out
 
