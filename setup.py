@@ -13,11 +13,15 @@ def native_extension():
     cpu_sources = sorted(glob.glob("csrc/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/*.cu"))
     use_cuda = bool(cuda_sources) and cpp_extension.CUDA_HOME is not None and _torch_has_cuda()
-    common = dict(name="omni_core._C", extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+    # -fopenmp: at::parallel_for is header code that only runs in parallel when compiled with
+    # OpenMP; it links the libgomp torch already loaded (same soname), not a second runtime.
+    cxx = ["-O3", "-fopenmp"]
+    common = dict(name="omni_core._C", extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+                  extra_link_args=["-fopenmp"])
     if use_cuda:
         return cpp_extension.CUDAExtension(sources=cpu_sources + cuda_sources,
                                            define_macros=[("OMNI_WITH_CUDA", None)], **common)
-    common["extra_compile_args"] = {"cxx": ["-O3"]}
+    common["extra_compile_args"] = {"cxx": cxx}
     return cpp_extension.CppExtension(sources=cpu_sources, **common)
 
 

@@ -81,5 +81,7 @@ for _op, _module, _attr in (
 ):
     dispatch.register(_op, "triton", _kernel_loader(_module, _attr))
 dispatch.register("routed_ffn", "triton", _routed_ffn_triton_loader)
-for _op in ("varlen_attention", "routed_ffn", "layer_norm"):
+for _op in ("routed_ffn", "layer_norm"):
     dispatch.register(_op, "native", _native_loader(_op))
+# The native CPU varlen attention (csrc/varlen_attention*.cpp) registers itself.
+from omni_core.ops import native_attention  # noqa: E402, F401

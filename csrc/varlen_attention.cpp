@@ -1,0 +1,169 @@
+// Native CPU varlen attention: input checks, the per-capability kernel choice and the
+// torch.ops.omni_native.varlen_attention_{fwd,bwd} registration. The Python wrapper
+// (omni_core/ops/native_attention.py) adds autograd and the reference fallback rules.
+#include <ATen/ATen.h>
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "varlen_attention.h"
+
+namespace omni::attention {
+namespace {
+
+std::string capability() {
+  const std::string cap = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY
+  if (cap == "AVX512" || cap == "AVX2") return cap;
+  return "DEFAULT";
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  for (const auto* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->device().is_cpu(), "varlen_attention (native): q, k, v must be CPU tensors, got ", t->device());
+    TORCH_CHECK(t->dim() == 3, "varlen_attention (native): q, k, v must be [T, H, Dh], got ", t->sizes());
+  }
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+              "varlen_attention (native): q must be float32 or float64, got ", q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "varlen_attention (native): q, k, v dtypes disagree: ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "varlen_attention (native): q, k, v shapes disagree: ",
+              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+}
+
+Args make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
+               double scale, const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& lut,
+               const std::optional<at::Tensor>& modality, const std::optional<at::Tensor>& position) {
+  check_qkv(q, k, v);
+  const int64_t T = q.size(0), H = q.size(1);
+  TORCH_CHECK(cu_seqlens.device().is_cpu() && cu_seqlens.scalar_type() == at::kInt && cu_seqlens.dim() == 1 &&
+                  cu_seqlens.numel() >= 1,
+              "varlen_attention (native): cu_seqlens must be a CPU int32 [B+1] tensor, got ", cu_seqlens.sizes(), " ",
+              cu_seqlens.scalar_type());
+  Args a;
+  a.q = q.contiguous();
+  a.k = k.contiguous();
+  a.v = v.contiguous();
+  a.cu_seqlens = cu_seqlens.contiguous();
+  const int32_t* cu = a.cu_seqlens.data_ptr<int32_t>();
+  const int64_t B = a.cu_seqlens.numel() - 1;
+  TORCH_CHECK(cu[0] == 0 && cu[B] == T, "varlen_attention (native): cu_seqlens must run from 0 to T=", T,
+              ", got ", cu[0], " .. ", cu[B]);
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(cu[b + 1] >= cu[b], "varlen_attention (native): cu_seqlens must be non-decreasing (index ", b, ")");
+  a.scale = scale;
+  const int given = table.has_value() + lut.has_value() + modality.has_value() + position.has_value();
+  TORCH_CHECK(given == 0 || given == 4,
+              "varlen_attention (native): the bias needs bias_table, bias_lut, modality and position together");
+  if (given == 4) {
+    TORCH_CHECK(table->dim() == 2 && table->size(1) == H, "varlen_attention (native): bias_table must be [NB, H=", H,
+                "], got ", table->sizes());
+    TORCH_CHECK(table->scalar_type() == q.scalar_type(), "varlen_attention (native): bias_table dtype ",
+                table->scalar_type(), " differs from q's ", q.scalar_type());
+    TORCH_CHECK(lut->scalar_type() == at::kInt && lut->dim() == 3 && lut->size(1) == lut->size(2),
+                "varlen_attention (native): bias_lut must be int32 [M, P, P], got ", lut->sizes());
+    TORCH_CHECK(modality->dim() == 1 && modality->size(0) == T && !at::isFloatingType(modality->scalar_type()),
+                "varlen_attention (native): modality must be an integer [T=", T, "] tensor");
+    TORCH_CHECK(position->scalar_type() == at::kInt && position->dim() == 1 && position->size(0) == T,
+                "varlen_attention (native): position must be int32 [T=", T, "]");
+    for (const auto* t : {&*table, &*lut, &*modality, &*position})
+      TORCH_CHECK(t->device().is_cpu(), "varlen_attention (native): bias tensors must be on the CPU");
+    a.table = table->contiguous();
+    a.lut = lut->contiguous();
+    a.modality = modality->to(at::kInt).contiguous();
+    a.position = position->contiguous();
+    // Out-of-range ids would read outside the LUT or the table: checked here, before any work.
+    const int64_t M = a.lut.size(0), P = a.lut.size(1), NB = a.table.size(0);
+    if (T > 0) {
+      TORCH_CHECK(a.modality.min().item<int>() >= 0 && a.modality.max().item<int>() < M,
+                  "varlen_attention (native): modality ids must lie in [0, ", M, ")");
+      TORCH_CHECK(a.position.min().item<int>() >= 0 && a.position.max().item<int>() < P,
+                  "varlen_attention (native): positions must lie in [0, ", P, ")");
+    }
+    if (a.lut.numel() > 0)
+      TORCH_CHECK(a.lut.min().item<int>() >= -1 && a.lut.max().item<int>() < NB,
+                  "varlen_attention (native): bias_lut entries must be -1 or in [0, ", NB, ")");
+  }
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                        const at::Tensor& cu_seqlens, double scale,
+                                                        const std::optional<at::Tensor>& table,
+                                                        const std::optional<at::Tensor>& lut,
+                                                        const std::optional<at::Tensor>& modality,
+                                                        const std::optional<at::Tensor>& position,
+                                                        const std::optional<at::Tensor>& out_buf,
+                                                        const std::optional<at::Tensor>& lse_buf) {
+  const Args a = make_args(q, k, v, cu_seqlens, scale, table, lut, modality, position);
+  // out_buf / lse_buf let a test hand in NaN-poisoned buffers, so an unwritten element shows.
+  at::Tensor out = out_buf.has_value() ? *out_buf : at::empty_like(a.q);
+  at::Tensor lse = lse_buf.has_value() ? *lse_buf : at::empty({a.q.size(0), a.q.size(1)}, a.q.options());
+  TORCH_CHECK(out.sizes() == a.q.sizes() && out.scalar_type() == a.q.scalar_type() && out.is_contiguous() &&
+                  lse.dim() == 2 && lse.size(0) == a.q.size(0) && lse.size(1) == a.q.size(1) &&
+                  lse.scalar_type() == a.q.scalar_type() && lse.is_contiguous(),
+              "varlen_attention (native): out must be a contiguous [T, H, Dh] and lse a contiguous [T, H] tensor "
+              "in q's dtype");
+  const std::string cap = capability();
+  if (cap == "AVX512") {
+    AVX512::forward(a, out, lse);
+  } else if (cap == "AVX2") {
+    AVX2::forward(a, out, lse);
+  } else {
+    DEFAULT::forward(a, out, lse);
+  }
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_seqlens, double scale, const std::optional<at::Tensor>& table,
+    const std::optional<at::Tensor>& lut, const std::optional<at::Tensor>& modality,
+    const std::optional<at::Tensor>& position, bool table_grad) {
+  const Args a = make_args(q, k, v, cu_seqlens, scale, table, lut, modality, position);
+  for (const auto* t : {&dout, &out})
+    TORCH_CHECK(t->sizes() == q.sizes() && t->scalar_type() == q.scalar_type() && t->device().is_cpu(),
+                "varlen_attention (native): out and its gradient must match q (", q.sizes(), " ", q.scalar_type(),
+                ")");
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
+                  lse.scalar_type() == q.scalar_type(),
+              "varlen_attention (native): lse must be [T, H] in q's dtype");
+  Grads g{at::zeros_like(a.q), at::zeros_like(a.k), at::zeros_like(a.v), at::Tensor()};
+  if (table_grad && a.table.defined()) g.dtable = at::zeros_like(a.table);
+  const at::Tensor o = out.contiguous(), l = lse.contiguous(), d = dout.contiguous();
+  const std::string cap = capability();
+  if (cap == "AVX512") {
+    AVX512::backward(a, o, l, d, g);
+  } else if (cap == "AVX2") {
+    AVX2::backward(a, o, l, d, g);
+  } else {
+    DEFAULT::backward(a, o, l, d, g);
+  }
+  // An empty dtable means "no gradient" (a schema cannot return an optional tensor).
+  return {g.dq, g.dk, g.dv, g.dtable.defined() ? g.dtable : at::empty({0}, a.q.options())};
+}
+
+}  // namespace
+}  // namespace omni::attention
+
+// Schemas here; the kernels under the CPU key (not as composite ops), so the shape-only
+// versions that omni_core/ops/native_attention.py registers let torch.compile trace them.
+TORCH_LIBRARY(omni_native, m) {
+  m.def("varlen_attention_capability() -> str", [] { return omni::attention::capability(); });
+  m.def(
+      "varlen_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, float scale, Tensor? bias_table, "
+      "Tensor? bias_lut, Tensor? modality, Tensor? position, Tensor? out_buf=None, Tensor? lse_buf=None) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "varlen_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens, "
+      "float scale, Tensor? bias_table, Tensor? bias_lut, Tensor? modality, Tensor? position, bool table_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(omni_native, CPU, m) {
+  m.impl("varlen_attention_fwd", &omni::attention::varlen_attention_fwd);
+  m.impl("varlen_attention_bwd", &omni::attention::varlen_attention_bwd);
+}

@@ -1,0 +1,51 @@
+// Native CPU varlen attention: shared declarations.
+//
+// One kernel source (varlen_attention_kernel.h) is compiled three times, once per CPU
+// capability (DEFAULT, AVX2, AVX512: varlen_attention_{default,avx2,avx512}.cpp), each in its
+// own namespace so the copies never collide; varlen_attention.cpp picks one at run time from
+// at::get_cpu_capability(), which honours ATEN_CPU_CAPABILITY like ATen's own kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace omni::attention {
+
+// Everything a kernel reads. Tensors are contiguous, on the CPU, in one float dtype
+// (float or double); `table` is undefined when there is no bias, else table [NB, H],
+// lut int32 [M, P, P], modality int32 [T], position int32 [T].
+struct Args {
+  at::Tensor q, k, v, cu_seqlens;
+  double scale = 1.0;
+  at::Tensor table, lut, modality, position;
+  int64_t block_q = 64, block_k = 512;  // block_k: the most keys per block (see key_block)
+};
+
+// Grads are zero-initialised by the caller and accumulated into; dtable is undefined when
+// the bias table needs no gradient.
+struct Grads {
+  at::Tensor dq, dk, dv, dtable;
+};
+
+#define OMNI_DECLARE_KERNELS(CAP)                                                        \
+  namespace CAP {                                                                        \
+  void forward(const Args& args, at::Tensor& out, at::Tensor& lse);                      \
+  void backward(const Args& args, const at::Tensor& out, const at::Tensor& lse,          \
+                const at::Tensor& dout, Grads& grads);                                   \
+  }
+OMNI_DECLARE_KERNELS(DEFAULT)
+OMNI_DECLARE_KERNELS(AVX2)
+OMNI_DECLARE_KERNELS(AVX512)
+#undef OMNI_DECLARE_KERNELS
+
+}  // namespace omni::attention
+
+// Fortran BLAS, exported by libtorch_cpu (MKL on x86 wheels). Called from inside
+// at::parallel_for, where MKL runs single-threaded (nested OpenMP is off).
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc);
+}
