@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-samples", type=int, default=4000)
     p.add_argument("--eval-samples", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=True,
-                   help="compose steps from samples sharing object phrases (default on)")
+    p.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=False,
+                   help="compose steps from samples sharing object phrases (measured worse: off by default)")
     a = p.parse_args(argv)
     data, run = Path(a.data), Path(a.run)
     start = time.perf_counter()
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     (run / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     print(format_table(directions(result)))
     print(format_classify(result["classify"]))
-    title = (f"omni demo --recipe {a.recipe}{'' if a.hard_negatives else ' --no-hard-negatives'}: "
+    title = (f"omni demo --recipe {a.recipe}{' --hard-negatives' if a.hard_negatives else ''}: "
              f"{a.minutes:g} training minutes, tiny preset, seed {a.seed}")
     print(f"wrote {run / 'eval.json'} and {plot(runs, run, result, title)}; total {time.perf_counter() - start:.0f} s")
     return 0
