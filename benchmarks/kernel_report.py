@@ -152,7 +152,7 @@ def iter_report(kernel_filter: str | None = None, quick: bool = False) -> Iterat
     if quick:
         configs = quick_subset(configs)
     for cfg in configs:
-        for cap in TARGETS:
+        for cap in cfg.extra.get("targets", TARGETS):  # e.g. Hopper-sized tiles: sm_90 only
             try:
                 yield compile_config(cfg, cap)
             except Exception as err:  # one broken kernel must not hide the others

@@ -20,9 +20,10 @@ Backward: with ``xhat = (x - mean) * rstd`` and ``g = dy * w``,
 ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))``; ``dw = sum_rows dy * xhat`` and
 ``db = sum_rows dy`` are column sums over a whole group. Instead of atomics, each program
 walks a chunk of ``rows_per_prog`` rows of one group, keeps its partial column sums in
-registers and writes them once to a ``[programs, N]`` fp32 buffer with its group id; the host
-adds the partials per group (``index_add_``). The chunk length sets the trade: longer chunks
-mean fewer partial rows to add, shorter ones more parallelism.
+registers and writes them once to a ``[programs, N]`` fp32 buffer; :func:`group_column_sums`
+then adds each group's partial rows in program order (deterministic: no atomics, and no
+``index_add_``, whose CUDA sums are not). The chunk length sets the trade: longer chunks mean
+fewer partial rows to add, shorter ones more parallelism.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def _layer_norm_fwd_kernel(
 
 @triton.jit
 def _layer_norm_bwd_kernel(
-    X, DY, DX, W, Mean, Rstd, PartW, PartB, PartGroup, Offsets, G, N, rows_per_prog,
+    X, DY, DX, W, Mean, Rstd, PartW, PartB, Offsets, G, N, rows_per_prog,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -162,7 +163,42 @@ def _layer_norm_bwd_kernel(
         tl.store(PartW + pid * N + cols, acc_w, mask=cmask)
     if HAS_B:
         tl.store(PartB + pid * N + cols, acc_b, mask=cmask)
-    tl.store(PartGroup + pid, grp)
+
+
+@triton.jit
+def _group_sum_kernel(Part, Out, Offsets, N, rows_per_prog, G, BLOCK_N: tl.constexpr):
+    """``Out[g] = sum of the partial rows of group g's programs``, in program order.
+
+    Programs are numbered group after group (:func:`group_tile`), so group g's partial rows
+    are the ``cdiv(rows_g, rows_per_prog)`` rows after those of the groups before it.
+    """
+    g = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    first = tl.load(Offsets) * 0
+    count = first
+    for h in range(G):
+        n = (tl.load(Offsets + h + 1) - tl.load(Offsets + h) + rows_per_prog - 1) // rows_per_prog
+        first += tl.where(h < g, n, 0)
+        count = tl.where(h == g, n, count)
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    row = Part + first.to(tl.int64) * N + cols
+    for _ in range(0, count):
+        acc += tl.load(row, mask=cmask, other=0.0)
+        row += N
+    tl.store(Out + g * N + cols, acc, mask=cmask)
+
+
+def group_column_sums(part: torch.Tensor, offsets: torch.Tensor, rows_per_prog: int) -> torch.Tensor:
+    """Per-group sums ``[G, N]`` (fp32) of the ``[programs, N]`` partial rows of a grouped
+    backward whose programs each took ``rows_per_prog`` rows (``group_tile`` numbering)."""
+    G, N = offsets.numel() - 1, part.shape[1]
+    out = new_buffer((G, N), torch.float32, part.device)
+    if G and N:
+        block_n = min(1024, triton.next_power_of_2(N))
+        _group_sum_kernel[(G, triton.cdiv(N, block_n))](part, out, offsets, N, rows_per_prog, G,
+                                                       BLOCK_N=block_n, num_warps=4)
+    return out
 
 
 # Launch shapes. Compiled code keeps whole rows in registers: a tile of at least 2048 elements
@@ -227,23 +263,16 @@ def layer_norm_bwd_grouped(
     block_rows = row_block(block_n)
     per = rows_per_program(R, block_rows, x.device)
     progs = triton.cdiv(R, per) + G - 1 if R else 0
-    part_w = new_buffer((progs, N), torch.float32, x.device)
-    part_b = new_buffer((progs, N), torch.float32, x.device)
-    part_g = torch.empty((progs,), dtype=torch.int32, device=x.device)
+    part_w = new_buffer((progs if weight is not None else 0, N), torch.float32, x.device)
+    part_b = new_buffer((progs if has_bias else 0, N), torch.float32, x.device)
     if progs:
         _layer_norm_bwd_kernel[(progs,)](
-            x, dy, dx, weight, mean, rstd, part_w, part_b, part_g, offsets, G, N, per,
+            x, dy, dx, weight, mean, rstd, part_w, part_b, offsets, G, N, per,
             HAS_W=weight is not None, HAS_B=has_bias,
             BLOCK_ROWS=block_rows, BLOCK_N=block_n, num_warps=row_warps(block_n),
         )
-    idx = part_g.long()
-
-    def per_group(part: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros((G, N), dtype=torch.float32, device=x.device).index_add_(0, idx, part)
-        return total.to(x.dtype)
-
-    dw = per_group(part_w) if weight is not None else None
-    db = per_group(part_b) if has_bias else None
+    dw = group_column_sums(part_w, offsets, per).to(x.dtype) if weight is not None else None
+    db = group_column_sums(part_b, offsets, per).to(x.dtype) if has_bias else None
     return dx, dw, db
 
 
@@ -297,9 +326,12 @@ def _ln_setup(ctx, inputs, output) -> None:
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.has_bias = bias is not None
+    ctx.set_materialize_grads(False)  # mean/rstd get no gradient: no zero-filled tensors for them
 
 
 def _ln_backward(ctx, dy, _dmean, _drstd):
+    if dy is None:
+        return None, None, None, None
     x, weight, mean, rstd = ctx.saved_tensors
     dx, dw, db = _layer_norm_bwd_op(dy, x, weight, ctx.has_bias, mean, rstd)
     return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None
@@ -352,7 +384,7 @@ def aot_configs() -> list[AotConfig]:
             configs.append(AotConfig(
                 kernel="layer_norm_bwd", fn=_layer_norm_bwd_kernel,
                 signature={"X": ptr, "DY": ptr, "DX": ptr, "W": ptr, "Mean": "*fp32", "Rstd": "*fp32",
-                           "PartW": "*fp32", "PartB": "*fp32", "PartGroup": "*i32", "Offsets": "*i32",
+                           "PartW": "*fp32", "PartB": "*fp32", "Offsets": "*i32",
                            "G": "i32", "N": "i32", "rows_per_prog": "i32",
                            **dict.fromkeys(common, "constexpr")},
                 constexprs=common, num_warps=warps, num_stages=1, label=label, dtype=name,

@@ -18,6 +18,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from omni_core.kernels import layer_norm as ln_kernels  # noqa: E402
 from omni_core.kernels import routed_ffn as ffn_kernels  # noqa: E402
+from omni_core.kernels.routed_ffn import op as ffn_op  # noqa: E402
 
 from omni_core.ops import routed_ffn, routed_ffn_reference  # noqa: E402
 
@@ -123,8 +124,8 @@ def test_public_op_dispatches_to_the_kernel(monkeypatch):
     """``omni_core.ops.routed_ffn`` with OMNI_BACKEND=triton runs this kernel."""
     monkeypatch.setenv("OMNI_BACKEND", "triton")
     calls = []
-    real = ffn_kernels._forward
-    monkeypatch.setattr(ffn_kernels, "_forward", lambda *a: calls.append(1) or real(*a))
+    real = ffn_op._forward
+    monkeypatch.setattr(ffn_op, "_forward", lambda *a: calls.append(1) or real(*a))
     p = {k: v for k, v in make_params("geglu_subln").items() if v is not None}
     modality = make_modality("mixed")
     y = routed_ffn(p["x"], modality, p["w_in"], p["w_out"], w_gate=p["w_gate"],
@@ -237,7 +238,7 @@ def test_bad_input_fails_before_launch(monkeypatch, case, error, message):
     def no_launch(*_args):
         raise AssertionError("a kernel launched for invalid input")
 
-    monkeypatch.setattr(ffn_kernels, "_forward", no_launch)
+    monkeypatch.setattr(ffn_op, "_forward", no_launch)
     inp = _bad(case)
     with pytest.raises(error, match=message):
         routed_ffn(inp.pop("x"), inp.pop("modality"), inp.pop("w_in"), inp.pop("w_out"), **inp)
