@@ -410,27 +410,30 @@ def _bwd_dq_kernel(
 # ``python benchmarks/kernel_report.py --static --kernel varlen``. The dk/dv kernel's dots
 # have BLOCK_N rows, so it needs BLOCK_N >= 64 for warpgroup MMA, the dq kernel
 # BLOCK_M >= 64. fp32 runs IEEE dots on the CUDA cores (TF32 would miss fp32 accuracy);
-# its operands stay in registers, so only small tiles avoid spills.
+# its operands stay in registers, so only small tiles avoid spills. Head dim 256 (fp16/bf16):
+# the dk/dv accumulators alone are 2 x BLOCK_N x 256 fp32, so its backward tiles are 32 x 32,
+# which sm_90 runs as HMMA (warpgroup MMA needs 64 rows): the 64-row tiles spill there.
+# The dk/dv kernel's group loop (GQA) costs registers, hence BLOCK_M = 32 at D_PAD 128.
 FWD_CONFIGS = {
     ("half", 64): [(128, 64, 8, 2), (64, 64, 4, 2)],
     ("half", 128): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 128, 8, 2)],
-    ("half", 256): [(64, 32, 8, 2), (64, 64, 8, 1)],
+    ("half", 256): [(64, 32, 8, 2)],
     ("fp32", 64): [(32, 32, 4, 1), (16, 32, 4, 1)],
     ("fp32", 128): [(16, 32, 4, 1)],
     ("fp32", 256): [(16, 16, 4, 1)],
 }
 DKDV_CONFIGS = {
     ("half", 64): [(64, 64, 4, 2)],
-    ("half", 128): [(64, 64, 8, 2)],
-    ("half", 256): [(32, 64, 8, 1)],
+    ("half", 128): [(32, 64, 8, 2)],
+    ("half", 256): [(32, 32, 8, 1)],
     ("fp32", 64): [(16, 64, 4, 1)],
-    ("fp32", 128): [(16, 32, 4, 1)],
-    ("fp32", 256): [(16, 16, 4, 1)],
+    ("fp32", 128): [(16, 32, 8, 1)],
+    ("fp32", 256): [(16, 16, 8, 1)],
 }
 DQ_CONFIGS = {
     ("half", 64): [(64, 64, 4, 2), (64, 32, 4, 2)],
     ("half", 128): [(64, 64, 8, 2), (128, 32, 8, 2)],
-    ("half", 256): [(64, 32, 8, 1)],
+    ("half", 256): [(32, 32, 8, 1)],
     ("fp32", 64): [(32, 32, 4, 1), (16, 32, 4, 1)],
     ("fp32", 128): [(32, 32, 8, 1)],
     ("fp32", 256): [(16, 16, 4, 1)],
@@ -439,7 +442,7 @@ DQ_CONFIGS = {
 DQ_DETERMINISTIC_CONFIGS = {
     ("half", 64): [(64, 32, 4, 2)],
     ("half", 128): [(64, 64, 8, 2)],
-    ("half", 256): [(64, 32, 8, 1)],
+    ("half", 256): [(32, 32, 8, 1)],
     ("fp32", 64): [(16, 32, 4, 1)],
     ("fp32", 128): [(32, 32, 8, 1)],
     ("fp32", 256): [(16, 16, 4, 1)],
