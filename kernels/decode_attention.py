@@ -145,14 +145,15 @@ def _merge_kernel(
 # by the number of stacked rows (G * Lq, at least 16, at most 64). With 16 rows the dots
 # are HMMA (mma.sync) on sm_90 too: warpgroup MMA (HGMMA) needs 64 rows per warpgroup, and
 # padding a decode tile to 64 rows would quadruple its MMA work for nothing, since a decode
-# step is bound by reading the cache; 64-row tiles (G * Lq > 32) get HGMMA.
+# step is bound by reading the cache; 64-row tiles (G * Lq > 32) get HGMMA. fp32 tiles stay
+# at 16 rows and small key blocks (IEEE dots on the CUDA cores keep operands in registers).
 SPLIT_CONFIGS = {
     ("half", 64): (64, 4, 2),
     ("half", 128): (64, 4, 2),
     ("half", 256): (32, 8, 2),
     ("fp32", 64): (32, 4, 1),
-    ("fp32", 128): (32, 4, 1),
-    ("fp32", 256): (16, 4, 1),
+    ("fp32", 128): (16, 4, 1),
+    ("fp32", 256): (16, 8, 1),
 }
 INTERPRET_BLOCK_N = 64
 MAX_SPLITS = 64
@@ -163,8 +164,10 @@ def _tier(head_dim: int, dtype: torch.dtype) -> tuple[str, int]:
     return ("fp32" if dtype == torch.float32 else "half", max(64, _d_pad(head_dim)))
 
 
-def _block_m(rows: int) -> int:
-    return min(64, max(16, triton.next_power_of_2(rows)))
+def _block_m(rows: int, dtype: torch.dtype) -> int:
+    """Stacked query rows per tile: at least 16 (tl.dot), at most 64, and 16 for fp32, whose
+    IEEE dots keep their operands in registers (64-row fp32 tiles spill)."""
+    return min(16 if dtype == torch.float32 else 64, max(16, triton.next_power_of_2(rows)))
 
 
 def num_splits_for(B: int, Hk: int, row_blocks: int, S: int, block_n: int) -> int:
@@ -208,7 +211,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     block_n, warps, stages = SPLIT_CONFIGS[_tier(Dh, q.dtype)]
     if INTERPRET:
         block_n, warps, stages = INTERPRET_BLOCK_N, 4, 1
-    block_m = _block_m(G * Lq)
+    block_m = _block_m(G * Lq, q.dtype)
     row_blocks = triton.cdiv(G * Lq, block_m)
     splits = num_splits or num_splits_for(B, Hk, row_blocks, S, block_n)
     D_PAD = _d_pad(Dh)
@@ -256,7 +259,7 @@ def aot_configs() -> list[AotConfig]:
         for head_dim in (64, 80, 128, 256):
             block_n, warps, stages = SPLIT_CONFIGS[_tier(head_dim, dtype)]
             flops, nbytes = _reference_cost(head_dim, elem)
-            for block_m in (16, 64):
+            for block_m in (16,) if name == "fp32" else (16, 64):
                 consts = {"HEAD_DIM": head_dim, "D_PAD": _d_pad(head_dim), "BLOCK_M": block_m, "BLOCK_N": block_n,
                           "CAUSAL": True, "UPCAST": False, "IEEE": name == "fp32"}
                 configs.append(AotConfig(
