@@ -108,6 +108,11 @@ class StreamingLoader:
         return type(self.decoders[0]).__name__
 
     @property
+    def num_samples(self) -> int:
+        """Samples in the split (all ranks)."""
+        return sum(e["num_samples"] for e in self.entries)
+
+    @property
     def skipped(self) -> list[Skipped]:
         """This rank's skipped samples (all its workers)."""
         return [s for d in self.decoders for s in d.skipped]

@@ -23,8 +23,11 @@ from safetensors.torch import load_file, save_file
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    meta: dict) -> None:
-    tensors = {f"model/{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+                    meta: dict, model_state: dict[str, torch.Tensor] | None = None) -> None:
+    """``model_state`` (default: ``model.state_dict()``) lets a sharded model pass its gathered
+    full state (see :func:`save_full_model`)."""
+    state = model.state_dict() if model_state is None else model_state
+    tensors = {f"model/{k}": v.detach().contiguous() for k, v in state.items()}
     if optimizer is not None:
         state = optimizer.state_dict()
         for idx, slots in state["state"].items():
@@ -153,6 +156,22 @@ def _drop_unsaved_states(path: Path, model: torch.nn.Module, optimizer: torch.op
     for name, param in model.named_parameters():
         if param in optimizer.state and f"optim.state.{name}.step" not in saved:
             del optimizer.state[param]
+
+
+def save_full_model(path: Path, model: torch.nn.Module, meta: dict) -> None:
+    """Every rank calls this: the full (unsharded) model gathered to rank 0 and written there as the
+    single-file format (what ``omni eval`` / ``omni embed`` read)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not (dist.is_available() and dist.is_initialized()):
+        save_checkpoint(path, model, None, meta)
+        return
+    rank, _ = _rank_world()
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        save_checkpoint(path, model, None, meta, model_state=full)
+    _barrier()
 
 
 def read_sharded_meta(path: Path) -> dict:

@@ -326,3 +326,86 @@ def launch_local(fn: Callable, nprocs: int, *args, env: dict | None = None) -> N
 
     mp.start_processes(_spawned, args=(fn, nprocs, free_port(), env or {}, args), nprocs=nprocs,
                        start_method="spawn")
+
+
+# ---------------------------------------------------------------- what the training loop calls
+def resolve_mode(mode: str, world: int) -> str:
+    """``auto``: DDP when launched on several ranks, else none."""
+    if mode == "auto":
+        return "ddp" if world > 1 else "none"
+    return mode
+
+
+def reduce_row(row: dict) -> dict:
+    """A step's logged metrics averaged over ranks (losses agree everywhere); tokens summed."""
+    if not is_distributed() or world_size() == 1:
+        return row
+    out = all_reduce_mean(row)
+    out["tokens"] = int(round(out["tokens"] * world_size()))
+    return {k: round(v, 5) if isinstance(v, float) and k != "lr" else v for k, v in out.items()}
+
+
+class NullLog:
+    """What ranks other than 0 log to: nothing."""
+
+    def write(self, row: dict) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class CachedSteps:
+    """The in-memory data path: every rank builds the same global steps of an epoch (a pure
+    function of (seed, epoch), see the trainer's ``epoch_groups``) and takes rows ``r::W`` of each;
+    ``accum`` consecutive steps make one optimizer step (an epoch's last incomplete window is
+    dropped). The global step is defined for the world size the run started with, so a run
+    resumed on another number of ranks continues the same global steps."""
+
+    def __init__(self, groups: Callable[[int], list], accum: int = 1) -> None:
+        self.groups, self.accum = groups, accum
+
+    def epoch(self, state: dict) -> Iterator[tuple[list, dict]]:
+        r, w, k = rank(), world_size(), self.accum
+        groups = [g for g in self.groups(state["epoch"]) if len(g) >= max(2, w)]
+        for b in range(state["batch_in_epoch"], len(groups) - k + 1, k):
+            yield [g[r::w] for g in groups[b:b + k]], {"batch_in_epoch": b + k}
+
+    def rank_state(self) -> dict:
+        return {}
+
+    def resume(self, rank_state: dict | None, state: dict) -> None:
+        return None
+
+
+class StreamSteps:
+    """The streaming data path (:class:`omni_core.data.stream.StreamingLoader`): this rank's own
+    shards and steps; every rank ends an epoch together. Its position is saved per rank; a run
+    resumed on another number of ranks starts the next epoch (shard assignment depends on it)."""
+
+    def __init__(self, loader, accum: int = 1) -> None:
+        self.loader, self.accum, self.position = loader, accum, None
+
+    def epoch(self, state: dict) -> Iterator[tuple[list, dict]]:
+        pos = self.position if self.position is not None and self.position.epoch == state["epoch"] \
+            else self.loader.start(state["epoch"])
+        steps = self.loader.steps(pos)
+        while True:
+            window = [item for _, item in zip(range(self.accum), steps)]
+            if len(window) < self.accum:
+                self.position = None
+                return
+            self.position = window[-1][1]
+            yield [group for group, _ in window], {}
+
+    def rank_state(self) -> dict:
+        return {"data": self.position.to_dict() if self.position is not None else None}
+
+    def resume(self, rank_state: dict | None, state: dict) -> None:
+        from omni_core.data.stream import StreamPosition
+
+        saved = (rank_state or {}).get("data")
+        if rank_state is None:  # written at another world size: its positions do not apply
+            state["epoch"] += 1
+        elif saved is not None:
+            self.position = StreamPosition.from_dict(saved)

@@ -23,7 +23,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,7 +35,17 @@ from omni_core.data.sample import Sample
 from omni_core.data.tokenizer import load_tokenizer
 from omni_core.model.omni import OmniConfig, OmniModel
 from omni_core.recipes import RECIPES, Recipe, make_recipe
-from omni_core.train.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from omni_core.train import dist
+from omni_core.train.checkpoint import (
+    latest_sharded,
+    load_checkpoint,
+    load_sharded,
+    read_meta,
+    read_sharded_meta,
+    save_checkpoint,
+    save_full_model,
+    save_sharded,
+)
 from omni_core.train.data import load_split
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -76,6 +86,17 @@ class TrainArgs:
     loader: str = "auto"
     resume: bool = False
     progress: bool = True
+    # distributed running (omni_core.train.dist): how this launch runs, not what the run is
+    dist: str = "auto"  # auto: ddp under torchrun with several ranks, else none
+    checkpoint_activations: bool = False
+    compile: bool = False
+    dist_timeout: float | None = None  # None: $OMNI_DIST_TIMEOUT, else dist.DEFAULT_TIMEOUT_S
+    accum: int = 1  # micro-steps per optimizer step
+    stream: bool = False  # stream shards per rank (omni_core.data.stream) instead of decoding the split once
+    ranks: int | None = None  # world size the global step is defined for (set when the run starts)
+
+
+LAUNCH_FIELDS = ("dist", "checkpoint_activations", "compile", "dist_timeout", "progress")
 
 
 def learning_rate(args: TrainArgs, step: int, progress: float) -> float:
@@ -166,15 +187,22 @@ def train(args: TrainArgs) -> dict:
     if args.steps is None and args.minutes is None:
         raise ValueError("give a budget: --steps or --minutes")
     torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    info = dist.init_distributed(args.dist_timeout)
+    device = info.device
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / CHECKPOINT
-    if args.resume and not ckpt.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}")
-    if args.resume:  # the run's own settings win over the command line
-        saved = read_meta(ckpt)["args"]
-        args = TrainArgs(**{**saved, "resume": True, "progress": args.progress})
+    sharded = latest_sharded(out) if args.resume else None  # a run saved with torch.distributed.checkpoint
+    if args.resume and not ckpt.exists() and sharded is None:
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt} or {out / 'dcp'}")
+    if args.resume:  # the run's own settings win over the command line (but not how this launch runs)
+        saved = read_sharded_meta(sharded)["args"] if sharded else read_meta(ckpt)["args"]
+        args = TrainArgs(**{**saved, "resume": True, **{k: getattr(args, k) for k in LAUNCH_FIELDS}})
+    args.ranks = args.ranks or info.world_size
+    mode = dist.resolve_mode(args.dist, info.world_size)
+    use_sharded = sharded is not None or mode != "none"  # sharded checkpoints once distributed
+    if mode == "fsdp" and (args.eval_every_s or (args.recipe == "one-peace" and args.stage == "2")):
+        raise ValueError("--dist fsdp does not support --eval-every or --stage 2 (frozen slices); use --dist ddp")
 
     model = OmniModel.from_preset(args.preset, device=device, **args.overrides)
     recipe = make_recipe(args.recipe, args.stage, load_tokenizer(args.data), args.gather_grad)
@@ -182,30 +210,33 @@ def train(args: TrainArgs) -> dict:
     if args.init and not args.resume:
         load_weights(run_weights(args.init), model)
     recipe.prepare(model, reset_logit_scale=bool(args.init))
-    optimizer = make_optimizer(model, args)
-    train_set = load_split(args.data, "train", model.cfg.image_size, args.loader)
-    if len(train_set.samples) < 2 * (args.batch_size or 1):
-        raise ValueError(f"{args.data}: only {len(train_set.samples)} usable train samples")
+    runner = dist.wrap_model(model, mode, args.checkpoint_activations, args.compile)
+    optimizer = make_optimizer(model, args)  # after wrapping: FSDP2 replaces the parameters
+    data, train_set = train_data(model, args, info)
     eval_set = load_split(args.data, "eval", model.cfg.image_size, args.loader) if args.eval_every_s else None
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "elapsed_s": 0.0, "next_eval_s": 0.0}
-    if args.resume:
+    if args.resume and sharded:
+        saved_meta, rank_state = load_sharded(sharded, model, optimizer)
+        state = {**state, **saved_meta["state"]}
+        data.resume(rank_state, state)
+    elif args.resume:
         state = {**state, **load_checkpoint(ckpt, model, optimizer)["state"]}
-    log = MetricsLog(out, state["step"] if args.resume else None, metric_fields(recipe))
+    log = (MetricsLog(out, state["step"] if args.resume else None, metric_fields(recipe)) if info.is_main
+           else dist.NullLog())
     meta = {"args": asdict(args), "config": asdict(model.cfg)}
 
     # A step budget gives an exactly reproducible (and resumable) run; a time budget decays
     # the learning rate over the elapsed fraction of the budget and stops when it is spent.
     budget_s = args.minutes * 60 if args.minutes is not None else None
     bar = tqdm(total=args.steps if args.steps else int(budget_s), initial=state["step"],
-               unit="step" if args.steps else "s", disable=not args.progress, dynamic_ncols=True,
+               unit="step" if args.steps else "s", disable=not args.progress or not info.is_main, dynamic_ncols=True,
                file=sys.stdout)
     start, elapsed_before = time.perf_counter(), state["elapsed_s"]
     model.train()
     done = False
     while not done:
-        groups = epoch_groups(model, train_set.samples, args, state["epoch"])
-        for b in range(state["batch_in_epoch"], len(groups)):
-            if eval_set is not None and state["elapsed_s"] >= state["next_eval_s"]:
+        for micro, position in data.epoch(state):
+            if eval_set is not None and state["elapsed_s"] >= state["next_eval_s"] and info.is_main:
                 paused = time.perf_counter()  # evaluation time is not training time
                 eval_point(out, model, eval_set.samples[: args.eval_samples], state)
                 start += time.perf_counter() - paused
@@ -213,10 +244,10 @@ def train(args: TrainArgs) -> dict:
             progress = (state["step"] / args.steps if args.steps
                         else state["elapsed_s"] / budget_s)
             lr = learning_rate(args, state["step"], progress)
-            g = torch.Generator().manual_seed(args.seed * 1_000_003 + state["step"])
-            row = train_step(model, recipe, optimizer, lr, args.grad_clip, groups[b], device, g)
+            g = torch.Generator().manual_seed(args.seed * 1_000_003 + state["step"] + 104_729 * info.rank)
+            row = dist.reduce_row(train_step(model, recipe, optimizer, lr, args.grad_clip, micro, device, g, runner))
             state["step"] += 1
-            state["batch_in_epoch"] = b + 1
+            state.update(position)
             state["tokens"] += row["tokens"]
             state["elapsed_s"] = elapsed_before + time.perf_counter() - start
             row.update(step=state["step"], epoch=state["epoch"], elapsed_s=round(state["elapsed_s"], 3),
@@ -225,7 +256,9 @@ def train(args: TrainArgs) -> dict:
             bar.update(1 if args.steps else int(state["elapsed_s"]) - bar.n)
             bar.set_postfix(step=state["step"], loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             done = (state["step"] >= args.steps) if args.steps else state["elapsed_s"] >= budget_s
-            if done or state["step"] % args.ckpt_every == 0:
+            if (done or state["step"] % args.ckpt_every == 0) and use_sharded:
+                save_sharded(out, state["step"], model, optimizer, {**meta, "state": state}, data.rank_state())
+            elif done or state["step"] % args.ckpt_every == 0:
                 save_checkpoint(ckpt, model, optimizer, {**meta, "state": state})
             if done:
                 break
@@ -234,27 +267,73 @@ def train(args: TrainArgs) -> dict:
             state["batch_in_epoch"] = 0
     bar.close()
     log.close()
-    if eval_set is not None:
+    if eval_set is not None and info.is_main:
         eval_point(out, model, eval_set.samples[: args.eval_samples], state)
-    save_checkpoint(out / FINAL, model, None, {**meta, "state": state, "skipped": train_set.skipped})
+    skipped = [str(s) for s in data.loader.skipped] if args.stream else train_set.skipped
+    skipped_total = int(dist.reduce_row({"tokens": len(skipped)})["tokens"])  # summed over ranks
+    if use_sharded:
+        save_full_model(out / FINAL, model, {**meta, "state": state, "skipped": skipped})
+    else:
+        save_checkpoint(out / FINAL, model, None, {**meta, "state": state, "skipped": skipped})
     summary = {"recipe": args.recipe, "stage": args.stage if args.recipe == "one-peace" else None,
                "init": args.init, "steps": state["step"], "epochs": state["epoch"], "tokens": state["tokens"],
                "train_seconds": round(state["elapsed_s"], 1), "final_loss": row["loss"],
                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-               "train_samples": len(train_set.samples), "skipped_samples": len(train_set.skipped),
-               "loader": train_set.backend, "skipped": train_set.skipped}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+               "train_samples": len(train_set.samples) if train_set else data.loader.num_samples,
+               "skipped_samples": skipped_total, "loader": train_set.backend if train_set else data.loader.backend,
+               "skipped": skipped, "ranks": info.world_size, "dist": mode}
+    if info.is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def train_step(model: OmniModel, recipe: Recipe, optimizer, lr: float, grad_clip: float, samples: list[Sample],
-               device: torch.device, g: torch.Generator) -> dict:
+def train_data(model: OmniModel, args: TrainArgs, info: dist.DistInfo):
+    """(the rank's step source, the in-memory split or None when streaming)."""
+    if args.stream:
+        from omni_core.data.stream import StreamingLoader
+
+        def cut(samples: list[Sample]) -> list[list[Sample]]:
+            groups = (fixed_groups(samples, args.batch_size, drop_last=True) if args.batch_size else
+                      PackingCollator(args.token_budget, cost=lambda s: sample_tokens(model, s))(samples))
+            return [g for g in groups if len(g) >= 2]
+
+        loader = StreamingLoader(args.data, "train", cut, rank=info.rank, world_size=info.world_size,
+                                 image_size=model.cfg.image_size, seed=args.seed, backend=args.loader,
+                                 train_crop=True)
+        return dist.StreamSteps(loader, args.accum), None
+    train_set = load_split(args.data, "train", model.cfg.image_size, args.loader)
+    if len(train_set.samples) < 2 * (args.batch_size or 1):
+        raise ValueError(f"{args.data}: only {len(train_set.samples)} usable train samples")
+    per_rank = replace(args, batch_size=args.batch_size and args.batch_size * args.ranks,
+                       token_budget=args.token_budget * args.ranks)  # one global step of every rank's share
+    steps = dist.CachedSteps(lambda epoch: epoch_groups(model, train_set.samples, per_rank, epoch), args.accum)
+    return steps, train_set
+
+
+def train_step(model: OmniModel, recipe: Recipe, optimizer, lr: float, grad_clip: float,
+               micro: list[Sample] | list[list[Sample]], device: torch.device, g: torch.Generator,
+               runner=None) -> dict:
+    """One optimizer step over a batch, or over ``micro`` batches (gradient accumulation: each
+    micro-batch's loss / K; the DDP / FSDP2 reduction runs on the last). ``runner``
+    (dist.wrap_model) runs the recipe inside the DDP / FSDP2 forward; logged losses are the
+    micro-batches' mean."""
+    if micro and isinstance(micro[0], Sample):
+        micro = [micro]
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        loss, parts = recipe.step(model, samples, g)
+    runner = runner if runner is not None else dist.StepRunner(model)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    losses, parts_sum = [], {}
+    for k, samples in enumerate(micro):
+        gk = g if k == 0 else torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=g)))
+        with dist.accumulate(runner, sync=k == len(micro) - 1):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss_k, parts_k = runner(recipe.step, samples, gk)
+            (loss_k / len(micro) if len(micro) > 1 else loss_k).backward()
+        losses.append(loss_k.detach())
+        parts_sum = {n: parts_sum.get(n, 0.0) + v / len(micro) for n, v in parts_k.items()}
+    loss, parts = torch.stack(losses).mean(), parts_sum if len(micro) > 1 else parts_k
+    samples = [s for m in micro for s in m]
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
     optimizer.step()
     recipe.after_step(model)
@@ -350,15 +429,37 @@ def main(argv: list[str] | None = None) -> int:
                    help="decoder: DALI when installed (auto), or PIL + soundfile")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--no-progress", action="store_true")
+    d = p.add_argument_group("distributed (launch under torchrun --nproc-per-node N; see README 'Multi-node')")
+    d.add_argument("--dist", choices=["auto", "none", "ddp", "fsdp"], default="auto",
+                   help="auto: DDP when torchrun started several ranks")
+    d.add_argument("--checkpoint-activations", action="store_true", help="recompute each block in backward")
+    d.add_argument("--compile", action="store_true", help="torch.compile each block")
+    d.add_argument("--accum", type=int, default=1, help="micro-steps per optimizer step (gradient accumulation)")
+    d.add_argument("--dist-timeout", type=float,
+                   help=f"seconds a rank waits for the others before failing (default {dist.DEFAULT_TIMEOUT_S:.0f})")
+    src = d.add_mutually_exclusive_group()
+    src.add_argument("--stream", action="store_true", help="stream disjoint shards per rank (large sets)")
+    src.add_argument("--cache", action="store_true", help="decode the split once into memory (default)")
     a = p.parse_args(argv)
+    if a.accum < 1:
+        p.error("--accum must be >= 1")
     overrides = {"audio_front_end": a.audio_front_end} if a.audio_front_end else {}
     args = TrainArgs(data=a.data, out=a.out, preset=a.preset, overrides=overrides, recipe=a.recipe, stage=a.stage,
                      init=a.init, gather_grad=a.gather_grad, eval_every_s=a.eval_every,
                      hard_negatives=a.hard_negatives, batch_size=a.batch_size,
                      token_budget=a.token_budget, lr=a.lr, warmup_steps=a.warmup_steps, seed=a.seed,
                      steps=a.steps, minutes=a.minutes,
-                     ckpt_every=a.ckpt_every, loader=a.loader, resume=a.resume, progress=not a.no_progress)
-    summary = train(args)
+                     ckpt_every=a.ckpt_every, loader=a.loader, resume=a.resume, progress=not a.no_progress,
+                     dist=a.dist, checkpoint_activations=a.checkpoint_activations, compile=a.compile,
+                     dist_timeout=a.dist_timeout, accum=a.accum, stream=a.stream)
+    try:
+        with dist.peer_guard(a.dist_timeout):
+            summary = train(args)
+        main_rank = dist.rank() == 0
+    finally:
+        dist.shutdown()
+    if not main_rank:
+        return 0
     print(f"trained {summary['steps']} steps ({summary['epochs']} epochs, {summary['tokens']:,} tokens) "
           f"in {summary['train_seconds']:.0f} s; final loss {summary['final_loss']:.4f}; "
           f"skipped {summary['skipped_samples']} corrupt samples")
