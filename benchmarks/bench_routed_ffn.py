@@ -11,7 +11,10 @@ forward and of forward + backward, ONE-PEACE's GeGLU + sub-LN FFN, three modalit
 * ``dense``     — one FFN over all tokens (no routing): the upper bound.
 
 Shapes: ONE-PEACE 4B (D 1536, F 6144) at 8k–64k tokens, and a tiny model (D 192, F 512).
-FLOPs count the three GEMMs only: forward ``6 T D F``, backward twice that.
+FLOPs count the three GEMMs only: forward ``6 T D F``, backward twice that. Next to the
+measured TFLOP/s of ``triton`` the table prints the traffic model's prediction for the same
+shapes on this GPU (``benchmarks/traffic.py``: the kernels counted under the interpreter in a
+child process, carried to each shape, H100 or A100 roofline), so a first GPU run checks the model.
 
 CPU (``--cpu``, the default without CUDA): the reference path (group tokens, one FFN per
 modality) against the naive "run every modality's FFN on every token and mask",
@@ -24,9 +27,14 @@ side by side in one process, in ms and their ratio.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,12 +179,35 @@ def test_gpu_routed_ffn_throughput(dtype):
     assert ((out - ref).norm() / ref.norm()).item() < 3e-2
 
 
-def _print_gpu(rows: list[dict], dtype: torch.dtype) -> None:
-    print(f"\nrouted FFN (GeGLU + sub-LN, M={M}), {dtype}, {torch.cuda.get_device_name()}")
-    print(f"{'impl':>11} {'T':>6} {'D':>5} {'F':>5} {'fwd ms':>8} {'fwd TF/s':>9} {'f+b ms':>8} {'f+b TF/s':>9}")
+def model_tflops(shapes: list[tuple[int, int, int]], gpu: str) -> dict[tuple[int, int, int], tuple[float, float]]:
+    """The traffic model's (forward, forward + backward) TFLOP/s of the Triton kernels on
+    ``gpu`` ("h100" or "a100") for each (T, D, F): ``traffic.py --ffn-shape`` in a child
+    process (the interpreter needs TRITON_INTERPRET=1 from its start; it runs on CPU)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, str(Path(__file__).with_name("traffic.py")), "--json",
+           *(f"--ffn-shape={T}x{D}x{Fh}" for T, D, Fh in shapes)]
+    rows = json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout)
+    ms: dict[tuple[int, int, int], dict[str, float]] = {}
     for r in rows:
+        T, D, Fh = (int(part[1:]) for part in r["case"].split("-"))
+        ms.setdefault((T, D, Fh), {})[r["kernel"]] = r[f"{gpu}_ms"]
+    return {shape: (ffn_flops(*shape) / t["routed_ffn_fwd"] * 1e-9,
+                    3 * ffn_flops(*shape) / (t["routed_ffn_fwd"] + t["routed_ffn_bwd"]) * 1e-9)
+            for shape, t in ms.items()}
+
+
+def _print_gpu(rows: list[dict], dtype: torch.dtype) -> None:
+    name = torch.cuda.get_device_name()
+    gpu = "a100" if "A100" in name else "h100"
+    model = model_tflops(sorted({(r["T"], r["D"], r["F"]) for r in rows}), gpu)
+    print(f"\nrouted FFN (GeGLU + sub-LN, M={M}), {dtype}, {name}; model: the traffic model's {gpu.upper()} "
+          "roofline of the triton kernels (a model, not a measurement)")
+    print(f"{'impl':>11} {'T':>6} {'D':>5} {'F':>5} {'fwd ms':>8} {'fwd TF/s':>9} {'model':>7} "
+          f"{'f+b ms':>8} {'f+b TF/s':>9} {'model':>7}")
+    for r in rows:
+        m_fwd, m_fb = model[(r["T"], r["D"], r["F"])] if r["impl"] == "triton" else (float("nan"),) * 2
         print(f"{r['impl']:>11} {r['T']:>6} {r['D']:>5} {r['F']:>5} {r['fwd_ms']:>8.3f} {r['fwd_tflops']:>9.1f} "
-              f"{r['fwd_bwd_ms']:>8.3f} {r['fwd_bwd_tflops']:>9.1f}")
+              f"{m_fwd:>7.1f} {r['fwd_bwd_ms']:>8.3f} {r['fwd_bwd_tflops']:>9.1f} {m_fb:>7.1f}")
 
 
 # --------------------------------------------------------------------------------------------

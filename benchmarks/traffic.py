@@ -351,8 +351,11 @@ def launch_ms(launch: Launch, gpu: str, dtype: str) -> tuple[float, str]:
 
 
 def summarise(kernel: str, case: str, launches: list[Launch], ideal_bytes: int, dtype: str,
-              note: str = "") -> dict[str, Any]:
-    """One report row: totals over the launches, the roofline on H100 and A100."""
+              note: str = "", useful_flops: int | None = None) -> dict[str, Any]:
+    """One report row: totals over the launches, the roofline on H100 and A100.
+
+    ``*_tensor_peak_fraction`` is ``useful_flops`` (the op's own FLOPs, padding excluded;
+    the counted FLOPs when not given) at tensor peak over the modelled time."""
     row: dict[str, Any] = {
         "kernel": kernel, "case": case, "dtype": dtype,
         "launches": len([x for x in launches if not x.name.startswith("torch.")]),
@@ -364,11 +367,14 @@ def summarise(kernel: str, case: str, launches: list[Launch], ideal_bytes: int, 
         "max_same_address_atomics": max((x.max_same_address_atomics for x in launches), default=0),
     }
     row["bytes_over_ideal"] = round(row["bytes"] / ideal_bytes, 3) if ideal_bytes else None
+    if useful_flops is not None:
+        row["useful_flops"] = useful_flops
     for gpu in HARDWARE:
         times = [launch_ms(x, gpu, dtype) for x in launches]
         total = sum(t for t, _ in times)
         row[f"{gpu}_ms"] = total
-        compute = row["flops"] / (HARDWARE[gpu]["tensor_tflops"][dtype] * 1e12) * 1e3
+        useful = row["flops"] if useful_flops is None else useful_flops
+        compute = useful / (HARDWARE[gpu]["tensor_tflops"][dtype] * 1e12) * 1e3
         row[f"{gpu}_tensor_peak_fraction"] = round(compute / total, 3) if total else None
         if gpu == "h100":
             by_bound: dict[str, float] = {}
@@ -480,7 +486,7 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
 
 
 def _phases(kernel: str, case: str, forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor],
-            dtype: str, note: str) -> list[dict[str, Any]]:
+            dtype: str, note: str, useful_fwd_flops: int | None = None) -> list[dict[str, Any]]:
     """Count the forward, then the whole backward (every launch of ``autograd.grad``)."""
     leaves = [t for t in inputs if t.requires_grad]
     fwd, out = count(forward)
@@ -488,8 +494,9 @@ def _phases(kernel: str, case: str, forward: Callable[[], torch.Tensor], inputs:
     bwd, grads = count(lambda: torch.autograd.grad(out, leaves, dy))
     ideal_fwd = _nbytes(*inputs, out)
     ideal_bwd = _nbytes(dy, *inputs, *grads)
-    return [summarise(f"{kernel}_fwd", case, fwd, ideal_fwd, dtype, note),
-            summarise(f"{kernel}_bwd", case, bwd, ideal_bwd, dtype, note)]
+    useful_bwd = 2 * useful_fwd_flops if useful_fwd_flops is not None else None
+    return [summarise(f"{kernel}_fwd", case, fwd, ideal_fwd, dtype, note, useful_fwd_flops),
+            summarise(f"{kernel}_bwd", case, bwd, ideal_bwd, dtype, note, useful_bwd)]
 
 
 def attention_cases(pack: str, dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:
@@ -541,7 +548,7 @@ def ffn_cases(pack: str, pairs: int | None = None, dtype: torch.dtype = torch.bf
         return routed_ffn(p["x"], modality, p["w_in"], p["w_out"], w_gate=p["w_gate"],
                           ln_weight=p["ln_weight"], ln_bias=p["ln_bias"])
 
-    return _phases("routed_ffn", pack, forward, [*p.values(), modality], "bf16", note)
+    return _phases("routed_ffn", pack, forward, [*p.values(), modality], "bf16", note, 6 * T * DIM * FFN)
 
 
 def layer_norm_cases(pack: str, pairs: int | None = None, dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:
@@ -559,28 +566,31 @@ def layer_norm_cases(pack: str, pairs: int | None = None, dtype: torch.dtype = t
 # ------------------------------------------------------------------------------------------
 
 
-def full_size(row_launches: list[Launch], tokens: int, kernel: str, ideal_full: int, note: str) -> dict[str, Any]:
-    """A ``4b-16k`` row: a scaled count carried to D 1536, F 6144, 16k tokens (scale_launch)."""
-    dims = {tokens: FULL_TOKENS, DIM: 1536, FFN: 6144}
-    flop_ratio = FULL_TOKENS * 1536 * 6144 / (tokens * DIM * FFN)
-    return summarise(kernel, "4b-16k", [scale_launch(x, dims, flop_ratio) for x in row_launches], ideal_full,
-                     "bf16", note)
+def carry_ffn(row: dict[str, Any], tokens: int, shape: tuple[int, int, int], case: str) -> dict[str, Any]:
+    """An FFN row counted at the scaled pack carried to ``shape = (T, D, F)``: every argument
+    tensor's bytes times its numel ratio (scale_launch), FLOPs times the TDF ratio (so the
+    scaled pack's share of padding rows in partial tiles comes along: pessimistic at large T)."""
+    T, D, F = shape
+    dims = {tokens: T, DIM: D, FFN: F}
+    launches = [scale_launch(x, dims, T * D * F / (tokens * DIM * FFN)) for x in row["_launches"]]
+    weights = (3 * D * F + 2 * F) * NUM_MODALITIES * 2  # w_in, w_gate, w_out, LN weight and bias (bf16)
+    acts = T * (2 * D * 2 + 8)  # x and y (or dy and dx) in bf16, int64 modality ids
+    fwd = row["kernel"].endswith("fwd")
+    ideal = weights + acts if fwd else 2 * weights + acts + T * D * 2
+    useful = (6 if fwd else 12) * T * D * F
+    note = (f"carried from the {row['case']} count ({tokens} tokens, D {DIM}, F {FFN}) tensor by tensor "
+            f"to {T} tokens, D {D}, F {F}")
+    return summarise(row["kernel"], case, launches, ideal, "bf16", note, useful_flops=useful)
 
 
-def _ffn_rows(pack: str) -> list[dict[str, Any]]:
+def _ffn_rows(pack: str, shapes: dict[str, tuple[int, int, int]] | None = None) -> list[dict[str, Any]]:
+    """The pack's FFN rows; for stage1 also the 4B shape (16k tokens) and any ``shapes``."""
     rows = ffn_cases(pack)
     if pack != "stage1":
         return rows
     T = _tokens(pack_sequences(pack, PACKS[pack]))[1].numel()
-    out = []
-    for row in rows:
-        weights = 3 * 3 * 1536 * 6144 * 2 + 2 * 3 * 6144 * 2  # w_in, w_gate, w_out, ln weight/bias (bf16)
-        acts = FULL_TOKENS * (1536 * 2 * 2 + 8)  # x and y (or dy and dx), modality ids
-        ideal = weights + acts if row["kernel"].endswith("fwd") else 2 * weights + acts + FULL_TOKENS * 1536 * 2
-        out.append(full_size(row["_launches"], T, row["kernel"], ideal,
-                             f"from the {pack} count ({T} tokens, D {DIM}, F {FFN}), every tensor's bytes "
-                             "scaled by its numel at D 1536, F 6144, 16384 tokens; FLOPs by TDF"))
-    return rows + out
+    shapes = {"4b-16k": (FULL_TOKENS, 1536, 6144), **(shapes or {})}
+    return rows + [carry_ffn(row, T, shape, case) for case, shape in shapes.items() for row in rows]
 
 
 CASES: dict[str, Callable[[], list[dict[str, Any]]]] = {
@@ -618,23 +628,31 @@ HEADER = ("TRAFFIC MODEL - a model, not a measurement: counts from the Triton in
           "Case 4b-16k: the stage-1 count carried tensor by tensor to D 1536, F 6144, 16384 tokens.")
 
 
-def run(kernel_filter: str | None = None, case_filter: str | None = None) -> Iterator[dict[str, Any]]:
+def run(kernel_filter: str | None = None, case_filter: str | None = None,
+        ffn_shapes: dict[str, tuple[int, int, int]] | None = None) -> Iterator[dict[str, Any]]:
+    """Every case's rows (or, with ``ffn_shapes``, only the FFN carried to those shapes)."""
     from omni_core.kernels import layer_norm as ln_kernels
 
     os.environ["OMNI_BACKEND"] = "triton"
     ln_kernels.INTERPRET_AS_COMPILED = True
+    cases = {"routed_ffn/shapes": lambda: _ffn_rows("stage1", ffn_shapes)} if ffn_shapes else CASES
     try:
-        for name, make in CASES.items():
+        for name, make in cases.items():
             if kernel_filter and kernel_filter not in name.split("/")[0]:
                 continue
             if case_filter and case_filter not in name.split("/")[1]:
                 continue
             for row in make():
                 row.pop("_launches", None)
-                if not case_filter or case_filter in row["case"]:
+                if (not case_filter or case_filter in row["case"]) and (not ffn_shapes or row["case"] in ffn_shapes):
                     yield row
     finally:
         ln_kernels.INTERPRET_AS_COMPILED = False
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    T, D, F = (int(v) for v in text.lower().split("x"))
+    return T, D, F
 
 
 def main(argv: list[str]) -> int:
@@ -644,14 +662,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object per (kernel, case)")
     parser.add_argument("--kernel", default=None, help="only kernels whose name contains SUBSTR")
     parser.add_argument("--case", default=None, help="only cases whose name contains SUBSTR")
+    parser.add_argument("--ffn-shape", action="append", type=_shape, metavar="TxDxF",
+                        help="only the routed FFN, carried to T tokens, width D, hidden F (repeatable)")
     args = parser.parse_args(argv)
+    shapes = {f"T{T}-D{D}-F{F}": (T, D, F) for T, D, F in args.ffn_shape or []}
     start = time.time()
     if args.json:
-        print(json.dumps(list(run(args.kernel, args.case)), indent=1))
+        print(json.dumps(list(run(args.kernel, args.case, shapes)), indent=1))
         return 0
     print(HEADER)
     print(format_row(None), flush=True)
-    for row in run(args.kernel, args.case):
+    for row in run(args.kernel, args.case, shapes):
         print(format_row(row), flush=True)
     print(f"({time.time() - start:.0f} s of interpreter time)")
     return 0
