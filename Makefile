@@ -27,8 +27,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
+# Every pytest-benchmark suite (training step packed vs padded, inference per modality, the CPU
+# kernels; GPU suites skip without a GPU). Each run is saved under .benchmarks/ and printed next
+# to the previous saved run (--benchmark-compare), so a regression shows.
 bench: $(STAMP)
-	$(PY) -m omni_core.cli bench packing
+	$(PY) -m pytest -q $(wildcard benchmarks/bench_*.py) --benchmark-only --benchmark-autosave \
+		--benchmark-compare --benchmark-sort=fullname --benchmark-columns=min,median,iqr,rounds
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
