@@ -20,7 +20,7 @@ def test_inference_bench_json(dataset, capsys):
     for r in rows:
         assert r["items"] == 6 and r["precision"] == "fp32"
         assert r["packed_per_s"] > 0 and r["padded_per_s"] > 0
-        assert r["speedup"] == pytest.approx(r["packed_per_s"] / r["padded_per_s"], rel=2e-2)
+        assert r["speedup"] == pytest.approx(r["packed_per_s"] / r["padded_per_s"], rel=2e-2, abs=1e-3)
         # the same model on the same items: packing must not change the embeddings
         assert r["max_diff"] < 1e-4, r
 
