@@ -16,8 +16,11 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from omni_core.kernels import layer_norm as ln_kernels  # noqa: E402
 from omni_core.kernels import routed_ffn as ffn_kernels  # noqa: E402
+from omni_core.kernels.routed_ffn import fwd as ffn_fwd  # noqa: E402
 from omni_core.kernels.routed_ffn import op as ffn_op  # noqa: E402
 
 from omni_core.ops import routed_ffn, routed_ffn_reference  # noqa: E402
@@ -242,3 +245,32 @@ def test_bad_input_fails_before_launch(monkeypatch, case, error, message):
     inp = _bad(case)
     with pytest.raises(error, match=message):
         routed_ffn(inp.pop("x"), inp.pop("modality"), inp.pop("w_in"), inp.pop("w_out"), **inp)
+
+
+@triton.jit
+def _raster_probe(Offsets, Out, M, n_cols, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
+    m, start, end, col = ffn_fwd.raster(tl.program_id(0), Offsets, M, n_cols, BLOCK_M, GROUP_M)
+    row = Out + tl.program_id(0) * 4
+    tl.store(row, m)
+    tl.store(row + 1, start)
+    tl.store(row + 2, end)
+    tl.store(row + 3, col)
+
+
+def test_raster_covers_every_tile_once_grouped_per_modality():
+    """Each (modality, row tile, column tile) gets exactly one program of the 1-D grid, spare
+    programs get an empty range, and inside a modality GROUP_M row tiles share a column."""
+    counts, block_m, group_m, n_cols = [5, 0, 23, 9], 2, 3, 4
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+    M = len(counts)
+    grid = (triton.cdiv(sum(counts), block_m) + M - 1) * n_cols
+    out = torch.full((grid, 4), -1, dtype=torch.int32)
+    _raster_probe[(grid,)](offsets, out, M, n_cols, BLOCK_M=block_m, GROUP_M=group_m)
+    live = [tuple(r) for r in out.tolist() if r[1] < r[2]]
+    want = {(m, int(offsets[m]) + t * block_m, min(int(offsets[m + 1]), int(offsets[m]) + (t + 1) * block_m), c)
+            for m in range(M) for t in range(triton.cdiv(counts[m], block_m)) for c in range(n_cols)}
+    assert sorted(live) == sorted(want)
+    # ids are modality after modality; the first group_m row tiles of modality 2 sweep column 0 first
+    first = [r for r in out.tolist() if r[0] == 2][:group_m]
+    assert [r[3] for r in first] == [0] * group_m
+    assert [r[1] for r in first] == [int(offsets[2]) + t * block_m for t in range(group_m)]
