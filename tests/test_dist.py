@@ -56,23 +56,30 @@ def nce(q: torch.Tensor, keys: torch.Tensor, offset: int, scale: torch.Tensor) -
     return F.cross_entropy(scale * q @ keys.t(), torch.arange(q.shape[0]) + offset)
 
 
-def contrastive_loss(model: OmniModel, inputs: ModalInputs, with_grad: bool) -> torch.Tensor:
-    """Symmetric InfoNCE with negatives from every rank (the loss's use of gather_rows)."""
+def contrastive_loss(model: OmniModel, inputs: ModalInputs, with_grad: bool | str) -> torch.Tensor:
+    """Symmetric InfoNCE with negatives from every rank (the loss's use of gather_rows).
+    ``"released"``: ONE-PEACE's released form, every candidate row detached (the recipe's default)."""
     t, i = embeddings(model, inputs)
-    t_all, offset = odist.gather_rows(t, with_grad)
-    i_all, _ = odist.gather_rows(i, with_grad)
+    if with_grad == "released":
+        t_all, offset = odist.gather_rows(t.detach(), False)
+        i_all, _ = odist.gather_rows(i.detach(), False)
+    else:
+        t_all, offset = odist.gather_rows(t, with_grad)
+        i_all, _ = odist.gather_rows(i, with_grad)
     scale = model.logit_scale.exp().clamp(max=100)
     return 0.5 * (nce(i, t_all, offset, scale) + nce(t, i_all, offset, scale))
 
 
-def onepeace_reference(model: OmniModel, inputs: ModalInputs, bounds: list[int]) -> torch.Tensor:
-    """One process: the mean over ranks of each rank's loss, other ranks' rows detached."""
+def onepeace_reference(model: OmniModel, inputs: ModalInputs, bounds: list[int], released: bool = False
+                       ) -> torch.Tensor:
+    """One process: the mean over ranks of each rank's loss, other ranks' rows detached (all
+    candidate rows with ``released``, as ONE-PEACE's criterion: queries carry the gradient)."""
     t, i = embeddings(model, inputs)
     scale = model.logit_scale.exp().clamp(max=100)
     losses = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         def keys(x, lo=lo, hi=hi):
-            return torch.cat([x[:lo].detach(), x[lo:hi], x[hi:].detach()])
+            return x.detach() if released else torch.cat([x[:lo].detach(), x[lo:hi], x[hi:].detach()])
         losses.append(0.5 * (nce(i[lo:hi], keys(t), lo, scale) + nce(t[lo:hi], keys(i), lo, scale)))
     return torch.stack(losses).mean()
 
@@ -99,7 +106,7 @@ def _rank_step(mode: str, with_grad: bool, n: int, checkpoint_activations: bool)
 def _rank_main(mode: str, n: int, out: str) -> None:
     """One launch per mode (process start-up dominates): both gathers, and for FSDP2 activation
     checkpointing and gradient accumulation; for DDP the raw gather checks."""
-    result = {g: _rank_step(mode, g, n, mode == "fsdp") for g in (True, False)}
+    result = {g: _rank_step(mode, g, n, mode == "fsdp") for g in (True, False, "released")}
     if mode == "fsdp":
         result["accum"] = _accum_step()
     else:
@@ -140,6 +147,15 @@ def test_two_ranks_equal_one_process(mode, tmp_path):
         assert close(got["grads"][name], ref1[name]), name
     # the two gathers differ where they should: the remote rows' gradients
     assert not close(ref1["heads.0.weight"], ref["heads.0.weight"])
+
+    ref_model = make_model()  # the recipe's default: ONE-PEACE's released criterion, candidates detached
+    loss = onepeace_reference(ref_model, inputs, [0, n // 2, n], released=True)
+    loss.backward()
+    ref2, got = full_grads(ref_model), runs["released"]
+    assert abs(got["loss"] - loss.item()) <= 1e-12 * abs(loss.item())
+    for name in ref2:
+        assert close(got["grads"][name], ref2[name]), name
+    assert not close(ref2["heads.0.weight"], ref1["heads.0.weight"])
     if mode == "ddp":
         _check_gathers(str(out))
     else:

@@ -257,7 +257,8 @@ def train(args: TrainArgs) -> dict:
             bar.set_postfix(step=state["step"], loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             done = (state["step"] >= args.steps) if args.steps else state["elapsed_s"] >= budget_s
             if (done or state["step"] % args.ckpt_every == 0) and use_sharded:
-                save_sharded(out, state["step"], model, optimizer, {**meta, "state": state}, data.rank_state())
+                save_sharded(out, state["step"], model, optimizer, {**meta, "state": state}, data.rank_state(),
+                             keep=2)
             elif done or state["step"] % args.ckpt_every == 0:
                 save_checkpoint(ckpt, model, optimizer, {**meta, "state": state})
             if done:
