@@ -6,6 +6,7 @@
     omni bench kernels --static       static sm_80/sm_90 report of every Triton kernel
     omni bench kernels --traffic      traffic model: bytes, FLOPs, atomics, H100/A100 roofline [--json]
     omni bench data [--json]          loader throughput and packing efficiency
+    omni bench scaling [--json]       training samples/s of the tiny preset at 1 and 2 ranks (torchrun)
     omni bench inference [--json]     embeddings/s per modality, packed vs padded batches
     omni bench attention [--json]     native CPU attention vs the torch reference
     omni data synth ...               generate the image–text–audio triplet dataset
@@ -40,7 +41,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("omni_core.demo", "main"),
     "bench data": ("omni_core.data.bench", "main"),
 }
-BENCH_FILES = {"packing": "packing.py", "kernels": "kernel_report.py", "inference": "inference.py",
+BENCH_FILES = {"packing": "packing.py", "kernels": "kernel_report.py", "scaling": "scaling.py",
+               "inference": "inference.py",
                "attention": "bench_native_attention.py"}
 
 
