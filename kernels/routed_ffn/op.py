@@ -39,11 +39,12 @@ def _grouped_mm(
     if T == 0 or N == 0:
         return
     stats, stats_block, ln_w, ln_b, mean, rstd, eps = ln or (None, 1, None, None, None, None, 0.0)
+    pair = a2 is not None
     cfg.launch(
-        cfg.grouped_mm_tuned, "one", _row_grid(T, M, N),
+        cfg.grouped_mm_pair_tuned if pair else cfg.grouped_mm_tuned, "pair" if pair else "one", _row_grid(T, M, N),
         a, a2, perm, offsets, b, b2, bias, out, stats, ln_w, ln_b, mean, rstd, M, N, K,
         triton.cdiv(K, _STATS_MIN_BLOCK), stats_block, eps, TRANS_B=trans_b,
-        GATHER_A=gather_a, SCATTER_C=scatter_c, PAIR2=a2 is not None, HAS_BIAS=bias is not None,
+        GATHER_A=gather_a, SCATTER_C=scatter_c, PAIR2=pair, HAS_BIAS=bias is not None,
         LN_A=ln is not None, HAS_LN_BIAS=ln_b is not None, PREC=cfg.prec(a.dtype), GROUP_M=cfg.GROUP_M,
     )
 
