@@ -1,7 +1,6 @@
 import math
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -24,17 +23,18 @@ def test_unknown_preset_is_an_error():
         OmniModel.from_preset("huge")
 
 
-def test_tiny_training_step_is_about_a_second():
+def test_tiny_training_step_reaches_every_layer():
+    """Speed is measured by the benchmarks (omni bench packing), not by a timed test."""
     model = OmniModel.from_preset("tiny")
     n = 16
     inputs = ModalInputs(text=[torch.randint(0, 1000, (20,)) for _ in range(n)],
                          image=torch.randn(n, 3, 64, 64))
     seqs = [[SegmentRef(TEXT, i)] for i in range(n)] + [[SegmentRef(IMAGE, i)] for i in range(n)]
-    start = time.perf_counter()
     feats, batch = model(inputs, seqs)
     feats.sum().backward()
     assert feats.shape == (batch.num_tokens, model.cfg.dim) and torch.isfinite(feats).all()
-    assert time.perf_counter() - start < 5.0
+    for block in model.blocks:
+        assert block.attn.q_proj.weight.grad.abs().sum() > 0 and torch.isfinite(block.ffn.w_in.grad).all()
 
 
 def test_adapters_reject_bad_input():
