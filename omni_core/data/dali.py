@@ -14,6 +14,7 @@ clean data (the sample order always is).
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Iterator
 from itertools import islice
@@ -53,8 +54,11 @@ def build_pipeline(image_size: int, train: bool, gpu: bool, batch_size: int, num
     """A DALI pipeline fed by the external sources "jpg" and "flac"; outputs (image CHW float, audio)."""
     from nvidia.dali import fn, pipeline_def, types
 
+    # one GPU per local rank under torchrun (LOCAL_RANK); the CPU-only pipeline has no device
+    device_id = int(os.environ.get("LOCAL_RANK", "0")) if gpu else None
+
     # not pipelined: each run() consumes exactly the batch just fed, so a failure pins the batch
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=0 if gpu else None, seed=seed,
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                   exec_pipelined=False, exec_async=False, prefetch_queue_depth=1)
     def pipeline():
         jpg = fn.external_source(name="jpg", dtype=types.UINT8, ndim=1)
