@@ -188,22 +188,27 @@ class OnePeaceRecipe:
     def forward(self, model: OmniModel, samples: list[Sample], masks: list[SampleMasks]) -> dict:
         """Encoder (grad), encoder (no grad) and decoder passes; per view and sample, the
         token features of each segment; ``"decoded"``: the decoder's masked predictions."""
+        embedded = model.embed(self.inputs(model, samples))
+        out: dict = {}
+        features, spans = self._encode(model, embedded, self.plan.student, masks, out)
+        with torch.no_grad():
+            self._encode(model, embedded, self.plan.frozen, masks, out)
+        out["decoded"] = self._decode(model, features, spans, samples, masks)
+        return out
+
+    def inputs(self, model: OmniModel, samples: list[Sample]) -> ModalInputs:
+        """The step's samples, only the modalities its views use, on the model's device."""
         device = next(model.parameters()).device
         used = {m for v in self.plan.student + self.plan.frozen for m in view_modalities(v)}
-        inputs = ModalInputs(
+        return ModalInputs(
             text=[s.token_ids.to(device) for s in samples] if TEXT in used else [],
             image=torch.stack([s.image for s in samples]).to(device) if IMAGE in used else None,
             audio=[s.audio.to(device) for s in samples] if AUDIO in used else [])
-        embedded = model.embed(inputs)
-        out: dict = {}
-        n = len(samples)
-        student = self._encode(model, embedded, self.plan.student, masks, n, out)
-        with torch.no_grad():
-            self._encode(model, embedded, self.plan.frozen, masks, n, out)
-        out["decoded"] = self._decode(model, student, samples, masks)
-        return out
 
-    def _encode(self, model, embedded, views, masks, n, out) -> tuple[torch.Tensor, dict]:
+    def _encode(self, model, embedded, views, masks, out) -> tuple[torch.Tensor, dict]:
+        """One packed pass over ``views``; fills ``out[view]`` and returns the features and,
+        per view, each sample's segment spans in the pass."""
+        n = len(masks)
         sequences = [self.sequences(v, i, masks[i]) for v in views for i in range(n)]
         batch = model.pack(embedded, sequences)
         features = model.encode(batch)
@@ -215,18 +220,14 @@ class OnePeaceRecipe:
             parts.setdefault(span.sequence, []).append(part)
         for k, v in enumerate(views):
             out[v] = [parts[k * n + i] for i in range(n)]
-            out[f"{v}:spans"] = [spans[k * n + i] for i in range(n)]
-        return features, out
+        return features, {v: [spans[k * n + i] for i in range(n)] for k, v in enumerate(views)}
 
-    def _decode(self, model, student, samples, masks) -> dict[tuple[str, int, int], torch.Tensor]:
-        features, out = student
-        n = len(samples)
-        masked_views = [v for v in self.plan.student if v.startswith("m_")]
+    def _decode(self, model, features, spans, samples, masks) -> dict[tuple[str, int, int], torch.Tensor]:
         sequences, keys = [], []
-        for v in masked_views:
-            for i in range(n):
-                row, refs = [], self.sequences(v, i, masks[i])
-                for ref, span in zip(refs, out[f"{v}:spans"][i]):
+        for v in (v for v in self.plan.student if v.startswith("m_")):
+            for i in range(len(samples)):
+                row = []
+                for ref, span in zip(self.sequences(v, i, masks[i]), spans[v][i]):
                     length = full_length(model, samples[i], ref.modality)
                     rows = torch.arange(span.start, span.start + span.length)
                     row.append(DecoderSegment(ref.modality, length, ref.keep, rows))

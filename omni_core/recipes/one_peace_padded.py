@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from omni_core.data.sample import Sample
 from omni_core.model.decoder import MaskedDecoder
-from omni_core.model.omni import AUDIO, IMAGE, TEXT, Block, ModalInputs, OmniModel
-from omni_core.recipes.one_peace import OnePeaceRecipe, SampleMasks, full_length, view_modalities
+from omni_core.model.omni import Block, OmniModel
+from omni_core.recipes.one_peace import OnePeaceRecipe, SampleMasks, full_length
 
 
 @dataclass
@@ -163,14 +163,8 @@ def decoder_pass(dec: MaskedDecoder, encoded: list[list[torch.Tensor]], refs_per
 def padded_forward(recipe: OnePeaceRecipe, model: OmniModel, samples: list[Sample],
                    masks: list[SampleMasks]) -> dict:
     """The released step's passes; returns the packed recipe's feature dict."""
-    device = next(model.parameters()).device
     plan = recipe.plan
-    used = {m for v in plan.student + plan.frozen for m in view_modalities(v)}
-    inputs = ModalInputs(
-        text=[s.token_ids.to(device) for s in samples] if TEXT in used else [],
-        image=torch.stack([s.image for s in samples]).to(device) if IMAGE in used else None,
-        audio=[s.audio.to(device) for s in samples] if AUDIO in used else [])
-    embedded = model.embed(inputs)
+    embedded = model.embed(recipe.inputs(model, samples))
     table = model.bias_table()
     n = len(samples)
     out: dict = {}
