@@ -9,7 +9,7 @@ import torch
 
 from omni_core.data.sample import Sample
 from omni_core.model.omni import AUDIO, IMAGE, TEXT, ModalInputs, OmniModel, SegmentRef
-from omni_core.recipes.one_peace import _candidates
+from omni_core.recipes.one_peace import gather_candidates
 from omni_core.train.objectives import cross_modal_contrast, logit_scale_exp
 
 
@@ -38,8 +38,8 @@ class ContrastiveRecipe:
         parts = {}
         for name, m in (("loss_image_text", IMAGE), ("loss_audio_text", AUDIO)):
             a, b = emb[m].float(), emb[TEXT].float()
-            a_all, offset = _candidates(a, True)  # CLIP: candidates keep their gradient
-            b_all, _ = _candidates(b, True)
+            a_all, offset = gather_candidates(a, True)  # CLIP: candidates keep their gradient
+            b_all, _ = gather_candidates(b, True)
             parts[name] = cross_modal_contrast(a, b, scale, a_all, b_all, offset)
         loss = parts["loss_image_text"] + parts["loss_audio_text"]
         return loss, {k: float(v.detach()) for k, v in parts.items()}

@@ -244,8 +244,8 @@ class OnePeaceRecipe:
         for name, a_mod, b_mod in self.plan.contrast:
             a = model.project(torch.stack([seq[0][0] for seq in feats[_NAME[a_mod]]]), a_mod)
             b = model.project(torch.stack([seq[0][0] for seq in feats[_NAME[b_mod]]]), b_mod)
-            a_all, offset = _candidates(a, self.gather_grad)
-            b_all, _ = _candidates(b, self.gather_grad)
+            a_all, offset = gather_candidates(a, self.gather_grad)
+            b_all, _ = gather_candidates(b, self.gather_grad)
             parts[name] = cross_modal_contrast(a, b, scale, a_all, b_all, offset)
         for term in self.plan.dcl:
             parts[term.name] = self._dcl(term, feats, masks)
@@ -287,7 +287,7 @@ def view_modalities(view: str) -> list[int]:
     return [_MODALITY[n] for n in view.removeprefix("m_").split("+")]
 
 
-def _candidates(x: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, int]:
+def gather_candidates(x: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, int]:
     """Every rank's rows (ONE-PEACE: without gradient) and this rank's offset among them."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
