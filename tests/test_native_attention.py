@@ -18,6 +18,7 @@ import zlib
 
 import pytest
 import torch
+from attention_packs import make_pack
 
 from omni_core.ops import dispatch, native_attention, varlen_attention, varlen_attention_reference
 
@@ -38,30 +39,6 @@ CASES = {
     "no_bias": ([5, 97, 1, 64], 3, 24, None),
     "odd_head_dim": ([13, 29], 2, 7, "joint"),
 }
-
-
-def make_pack(lengths: list[int], H: int, D: int, bias: str | None, seed: int) -> dict:
-    """Fresh random fp32 inputs; with a bias, a LUT with about 20% entries of -1."""
-    g = torch.Generator().manual_seed(seed)
-    T = sum(lengths)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    pack = {n: torch.randn(T, H, D, generator=g) for n in ("q", "k", "v", "dout")}
-    pack.update(cu=cu, max_seqlen=max(lengths), table=None, lut=None, modality=None, position=None)
-    if bias is None:
-        return pack
-    M, NB = 3, 29
-    modality, position = [], []
-    for L in lengths:
-        cut = int(torch.randint(0, L + 1, (1,), generator=g)) if bias == "joint" else L
-        first, second = torch.randperm(M, generator=g)[:2].tolist()
-        modality += [first] * cut + [second] * (L - cut)
-        position += list(range(cut)) + list(range(L - cut))
-    P = max(lengths) + 2
-    lut = torch.randint(0, NB, (M, P, P), generator=g, dtype=torch.int32)
-    lut[torch.rand(M, P, P, generator=g) < 0.2] = -1
-    pack.update(table=torch.randn(NB, H, generator=g), lut=lut, modality=torch.tensor(modality),
-                position=torch.tensor(position, dtype=torch.int32))
-    return pack
 
 
 def run(fn, pack: dict, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -195,7 +172,9 @@ for x, r in zip(run(native_attention.native_varlen_attention, pack, torch.float6
 @pytest.mark.skipif(not torch.cpu._is_avx2_supported(), reason="CPU has no AVX2")
 def test_avx2_build_matches_reference():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "PYTHONPATH": root}
+    # the tests folder too: the test module imports the shared pack maker (tests/attention_packs.py)
+    path = os.pathsep.join([root, os.path.join(root, "tests")])
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "PYTHONPATH": path}
     result = subprocess.run([sys.executable, "-c", AVX2_CHECK], env=env, cwd=root, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
