@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = sum(s["steps"] for s in summaries)
     print(f"      {steps} steps, {sum(s['tokens'] for s in summaries):,} tokens, "
           f"{sum(s['train_seconds'] for s in summaries):.0f} s, skipped {summaries[-1]['skipped_samples']} "
-          f"corrupt samples")
+          f"corrupt samples; precision: {summaries[-1]['precision_reason']}")
     print("[3/3] evaluating retrieval and zero-shot classification on the eval split")
     result = evaluate(run, data, classify=True)
     result["recipe"] = a.recipe

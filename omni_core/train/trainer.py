@@ -7,7 +7,9 @@ denoising contrast through a 2-layer decoder — with its stages (``--stage 1`` 
 run with ``--init RUN``, or ``--stage joint``, our extension training all three at once);
 ``contrastive`` is plain image–text + audio–text InfoNCE. AdamW (0.9, 0.98), eps 1e-8,
 weight decay 0.05 (not on norms, biases, positions or tables), linear warmup then cosine
-decay, gradient clipping at 3.0; fp32 on CPU, bf16 autocast on GPU. Steps are packed up to a
+decay, gradient clipping at 3.0; ``--precision auto`` (default) runs the step under bf16 autocast
+where the device computes bf16 natively (a GPU, or a CPU with AVX512-BF16 / AMX) and fp32
+elsewhere (:mod:`omni_core.precision`); weights and optimizer state stay fp32. Steps are packed up to a
 token budget by the data layer's collator (or hold a fixed number of triplets).
 
 Runs are exactly resumable: the data order of epoch e is a permutation drawn from
@@ -34,6 +36,7 @@ from omni_core.data.hard_negatives import clustered_order, next_fit
 from omni_core.data.sample import Sample
 from omni_core.data.tokenizer import load_tokenizer
 from omni_core.model.omni import OmniConfig, OmniModel
+from omni_core.precision import Precision, add_precision_argument, resolve_precision
 from omni_core.recipes import RECIPES, Recipe, make_recipe
 from omni_core.train import dist
 from omni_core.train.checkpoint import (
@@ -94,9 +97,10 @@ class TrainArgs:
     accum: int = 1  # micro-steps per optimizer step
     stream: bool = False  # stream shards per rank (omni_core.data.stream) instead of decoding the split once
     ranks: int | None = None  # world size the global step is defined for (set when the run starts)
+    precision: str = "auto"  # auto | fp32 | bf16 (omni_core.precision)
 
 
-LAUNCH_FIELDS = ("dist", "checkpoint_activations", "compile", "dist_timeout", "progress")
+LAUNCH_FIELDS = ("dist", "checkpoint_activations", "compile", "dist_timeout", "progress", "precision")
 
 
 def learning_rate(args: TrainArgs, step: int, progress: float) -> float:
@@ -211,6 +215,9 @@ def train(args: TrainArgs) -> dict:
         load_weights(run_weights(args.init), model)
     recipe.prepare(model, reset_logit_scale=bool(args.init))
     runner = dist.wrap_model(model, mode, args.checkpoint_activations, args.compile)
+    precision = resolve_precision(args.precision, device)
+    if info.is_main:
+        print(f"precision: {precision.description}", flush=True)
     optimizer = make_optimizer(model, args)  # after wrapping: FSDP2 replaces the parameters
     data, train_set = train_data(model, args, info)
     eval_set = load_split(args.data, "eval", model.cfg.image_size, args.loader) if args.eval_every_s else None
@@ -245,7 +252,8 @@ def train(args: TrainArgs) -> dict:
                         else state["elapsed_s"] / budget_s)
             lr = learning_rate(args, state["step"], progress)
             g = torch.Generator().manual_seed(args.seed * 1_000_003 + state["step"] + 104_729 * info.rank)
-            row = dist.reduce_row(train_step(model, recipe, optimizer, lr, args.grad_clip, micro, device, g, runner))
+            row = dist.reduce_row(train_step(model, recipe, optimizer, lr, args.grad_clip, micro, device, g, runner,
+                                                    precision))
             state["step"] += 1
             state.update(position)
             state["tokens"] += row["tokens"]
@@ -282,7 +290,8 @@ def train(args: TrainArgs) -> dict:
                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                "train_samples": len(train_set.samples) if train_set else data.loader.num_samples,
                "skipped_samples": skipped_total, "loader": train_set.backend if train_set else data.loader.backend,
-               "skipped": skipped, "ranks": info.world_size, "dist": mode}
+               "skipped": skipped, "ranks": info.world_size, "dist": mode, "precision": precision.name,
+               "precision_reason": precision.description}
     if info.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -313,11 +322,11 @@ def train_data(model: OmniModel, args: TrainArgs, info: dist.DistInfo):
 
 def train_step(model: OmniModel, recipe: Recipe, optimizer, lr: float, grad_clip: float,
                micro: list[Sample] | list[list[Sample]], device: torch.device, g: torch.Generator,
-               runner=None) -> dict:
+               runner=None, precision: Precision | None = None) -> dict:
     """One optimizer step over a batch, or over ``micro`` batches (gradient accumulation: each
     micro-batch's loss / K; the DDP / FSDP2 reduction runs on the last). ``runner``
     (dist.wrap_model) runs the recipe inside the DDP / FSDP2 forward; logged losses are the
-    micro-batches' mean."""
+    micro-batches' mean. ``precision`` is the forward's autocast (default: fp32)."""
     if micro and isinstance(micro[0], Sample):
         micro = [micro]
     for group in optimizer.param_groups:
@@ -328,7 +337,7 @@ def train_step(model: OmniModel, recipe: Recipe, optimizer, lr: float, grad_clip
     for k, samples in enumerate(micro):
         gk = g if k == 0 else torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=g)))
         with dist.accumulate(runner, sync=k == len(micro) - 1):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with (precision or resolve_precision("fp32")).autocast(device):
                 loss_k, parts_k = runner(recipe.step, samples, gk)
             (loss_k / len(micro) if len(micro) > 1 else loss_k).backward()
         losses.append(loss_k.detach())
@@ -441,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     src = d.add_mutually_exclusive_group()
     src.add_argument("--stream", action="store_true", help="stream disjoint shards per rank (large sets)")
     src.add_argument("--cache", action="store_true", help="decode the split once into memory (default)")
+    add_precision_argument(p)
     a = p.parse_args(argv)
     if a.accum < 1:
         p.error("--accum must be >= 1")
@@ -452,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
                      steps=a.steps, minutes=a.minutes,
                      ckpt_every=a.ckpt_every, loader=a.loader, resume=a.resume, progress=not a.no_progress,
                      dist=a.dist, checkpoint_activations=a.checkpoint_activations, compile=a.compile,
-                     dist_timeout=a.dist_timeout, accum=a.accum, stream=a.stream)
+                     dist_timeout=a.dist_timeout, accum=a.accum, stream=a.stream,
+                     precision=a.precision)
     try:
         with dist.peer_guard(a.dist_timeout):
             summary = train(args)
