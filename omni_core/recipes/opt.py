@@ -1,0 +1,136 @@
+"""OPT's pre-training recipe in the packed engine (``omni pretrain --recipe opt --vq DIR``).
+
+A step draws, for every triplet, one sequence per view its tasks read
+(:mod:`omni_core.recipes.opt_tasks`: ``mlm``, ``mr``, ``ma``, ``itm``, ``td``, ``id``), runs
+all of them through the single-modal and cross-modal encoders in one packed pass, the
+caption targets through the text decoder in one packed pass and the image-code targets
+through the image decoder in another, and sums the tasks' losses with their weights.
+
+The release samples one task per step with mix ratio 1 each; here every task of the mix
+runs every step (the views share one pass, so a step costs about one pass over six views of
+each triplet) and the ratios weight the sum. Masks and negatives come from the step's
+generator only, so a resumed run draws the same ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from omni_core.data.sample import Sample
+from omni_core.data.tokenizer import CaptionTokenizer
+from omni_core.model.opt import IMAGE_GRID, Encoded, OptModel
+from omni_core.recipes.opt_tasks import VIEWS, StepContext, View, ViewInputs, resolve_tasks, resolve_weights
+
+CODE_TASKS = ("mrc", "id")  # the tasks whose targets are image-tokenizer codes
+
+
+class ImageTokenizer(Protocol):
+    """The contract of :class:`omni_core.model.vq.VQTokenizer` the recipe relies on."""
+
+    codebook_size: int
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP-normalised images ``[N, 3, H, W]`` → int64 codes ``[N, 64]``."""
+
+
+class OptRecipe:
+    name = "opt"
+
+    def __init__(self, tokenizer: CaptionTokenizer, vq: ImageTokenizer | None,
+                 tasks: str | Iterable[str] | None = None, weights: str | Iterable[float] | None = None) -> None:
+        self.tasks = resolve_tasks(tasks)
+        self.weights = resolve_weights(self.tasks, weights)
+        needs_codes = [t.name for t in self.tasks if t.name in CODE_TASKS]
+        if vq is None and needs_codes:
+            raise ValueError(f"tasks {needs_codes} predict image-tokenizer codes: pass --vq DIR "
+                             f"(train one with `omni vq train`) or leave them out of --tasks")
+        self.vq = vq
+        self.mask_id, self.eos_id, self.cls_id = tokenizer.mask_id, tokenizer.eos_id, tokenizer.cls_id
+        self.text_vocab = tokenizer.vocab_size
+        self.loss_names = tuple(f"loss_{t.name}" for t in self.tasks)
+
+    # ------------------------------------------------------------------ model set-up
+    def attach(self, model: OptModel) -> None:
+        """Check that the model fits the tokenizers (its heads are its own)."""
+        if not isinstance(model, OptModel):
+            raise TypeError(f"the opt recipe trains an OptModel (an opt-* preset), got {type(model).__name__}")
+        cfg = model.cfg
+        if cfg.vocab_size < self.text_vocab:
+            raise ValueError(f"the model's text vocabulary ({cfg.vocab_size}) is smaller than the tokenizer's "
+                             f"({self.text_vocab})")
+        if (cfg.bos_id, cfg.eos_id) != (self.cls_id, self.eos_id):
+            raise ValueError(f"the model decodes captions between ids {cfg.bos_id} and {cfg.eos_id}, the tokenizer "
+                             f"marks them {self.cls_id} and {self.eos_id}")
+        if self.vq is not None and self.vq.codebook_size != cfg.codebook_size:
+            raise ValueError(f"the image tokenizer has {self.vq.codebook_size} codes, the model "
+                             f"{cfg.codebook_size} (build it with codebook_size={self.vq.codebook_size})")
+
+    def prepare(self, model: OptModel, reset_logit_scale: bool) -> None:
+        model.requires_grad_(True)
+
+    def after_step(self, model: OptModel) -> None:
+        return None
+
+    # ------------------------------------------------------------------ the step
+    def step(self, model: OptModel, samples: list[Sample], g: torch.Generator) -> tuple[torch.Tensor, dict]:
+        parts = self.losses(model, samples, g)
+        total = sum(self.weights[name] * loss for name, loss in parts.items())
+        return total, {f"loss_{name}": float(loss.detach()) for name, loss in parts.items()}
+
+    def losses(self, model: OptModel, samples: list[Sample], g: torch.Generator,
+               packed: bool = True) -> dict[str, torch.Tensor]:
+        """Each task's loss. ``packed=False`` runs every sequence through the encoders and
+        decoders alone (the reference the packed step must equal)."""
+        ctx = self.context(model, samples, g, packed)
+        return {t.name: t.loss(ctx) for t in self.tasks}
+
+    def context(self, model: OptModel, samples: list[Sample], g: torch.Generator, packed: bool = True) -> StepContext:
+        """Draw the views, run the encoder pass(es); the decoders run when a loss asks."""
+        if not samples:
+            raise ValueError("an OPT step needs at least one triplet")
+        device = next(model.parameters()).device
+        token_ids = [s.token_ids.to(device) for s in samples]
+        images = torch.stack([s.image for s in samples]).to(device)
+        audio = [s.audio.to(device) for s in samples]
+        inputs = ViewInputs([t.cpu() for t in token_ids], model.grid ** 2,
+                            [model.audio.num_frames(a.numel()) for a in audio], self.mask_id, self.text_vocab,
+                            self.eos_id)
+        views: dict[str, list[View]] = {}
+        for task in self.tasks:
+            if task.view not in views:
+                views[task.view] = [VIEWS[task.view](inputs, i, g) for i in range(len(samples))]
+        first, flat, offset = {}, [], 0
+        for name, vs in views.items():
+            first[name] = offset
+            flat += [v.triplet for v in vs]
+            offset += len(vs)
+        if packed:
+            encoded = model.encode_views(token_ids, images, audio, flat)
+        else:
+            encoded = Encoded.concat([model.encode_views(token_ids, images, audio, [t]) for t in flat])
+        return StepContext(model, images, audio, token_ids, views, encoded, first,
+                           lambda: self.image_codes(model, images), packed)
+
+    @torch.no_grad()
+    def image_codes(self, model: OptModel, images: torch.Tensor) -> torch.Tensor:
+        """The image tokenizer's codes ``[N, 64]`` (images resized to its size when they differ)."""
+        if self.vq is None:
+            raise ValueError("this task needs image-tokenizer codes: pass --vq DIR")
+        size = getattr(self.vq, "image_size", None)
+        if size is not None and size != images.shape[-1]:
+            images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        vq_params = list(self.vq.parameters()) if isinstance(self.vq, torch.nn.Module) else []
+        if vq_params:
+            images = images.to(device=vq_params[0].device, dtype=vq_params[0].dtype)
+        codes = self.vq.encode(images).long()
+        expected = (images.shape[0], IMAGE_GRID ** 2)
+        if tuple(codes.shape) != expected:
+            raise ValueError(f"the image tokenizer returned codes {tuple(codes.shape)}, expected {expected}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= model.cfg.codebook_size):
+            raise ValueError(f"image codes must lie in [0, {model.cfg.codebook_size}), got "
+                             f"[{int(codes.min())}, {int(codes.max())}]")
+        return codes.to(model.mask_embed.device)
