@@ -160,7 +160,7 @@ def _itm_view(v: ViewInputs, i: int, g: torch.Generator) -> View:
     if kind == 4 and n < 3:
         kind = 1  # two distinct other samples need three in the step
     j = _other(n, {i}, g)
-    image, audio = {1: (j, j), 2: (j, i), 3: (i, j), 4: (j, _other(n, {i, j}, g))}[kind]
+    image, audio = {1: (j, j), 2: (j, i), 3: (i, j)}[kind] if kind < 4 else (j, _other(n, {i, j}, g))
     return View(i, TripletView(i, image, audio), itm_label=kind)
 
 
