@@ -3,6 +3,8 @@ trains. The trainer knows no recipe by name: it calls the :class:`Recipe` protoc
 
 * ``one-peace`` (:mod:`.one_peace`): ONE-PEACE's objective, stages ``1``, ``2`` and ``joint``.
 * ``contrastive`` (:mod:`.contrastive`): plain CLIP-style image–text + audio–text InfoNCE.
+* ``opt`` (:mod:`.opt`): OPT's nine pretext tasks (:mod:`.opt_tasks`) on an ``opt-*`` model; a
+  recipe with ``build_model`` chooses the model family it trains.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from omni_core.data.sample import Sample
 from omni_core.data.tokenizer import CaptionTokenizer
 from omni_core.model.omni import OmniModel
 
-RECIPES = ("one-peace", "contrastive")
+RECIPES = ("one-peace", "contrastive", "opt")
 
 
 class Recipe(Protocol):
@@ -35,7 +37,9 @@ class Recipe(Protocol):
         """Runs after every optimizer step."""
 
 
-def make_recipe(name: str, stage: str, tokenizer: CaptionTokenizer, gather_grad: bool = False) -> Recipe:
+def make_recipe(name: str, stage: str, tokenizer: CaptionTokenizer, gather_grad: bool = False,
+                vq: str | None = None, tasks: str | None = None, task_weights: str | None = None) -> Recipe:
+    """``vq`` (an image-tokenizer directory), ``tasks`` and ``task_weights`` are opt's."""
     if name == "one-peace":
         from omni_core.recipes.one_peace import OnePeaceRecipe
 
@@ -44,6 +48,10 @@ def make_recipe(name: str, stage: str, tokenizer: CaptionTokenizer, gather_grad:
         from omni_core.recipes.contrastive import ContrastiveRecipe
 
         return ContrastiveRecipe(gather_grad)
+    if name == "opt":
+        from omni_core.recipes.opt import OptRecipe, load_vq
+
+        return OptRecipe(tokenizer, load_vq(vq) if vq else None, tasks, task_weights)
     raise ValueError(f"unknown recipe {name!r}; choose one of {RECIPES}")
 
 

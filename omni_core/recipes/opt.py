@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from omni_core.data.sample import Sample
 from omni_core.data.tokenizer import CaptionTokenizer
-from omni_core.model.opt import IMAGE_GRID, Encoded, OptModel
+from omni_core.model.opt import IMAGE_GRID, PRESETS, Encoded, OptModel
 from omni_core.recipes.opt_tasks import VIEWS, StepContext, View, ViewInputs, resolve_tasks, resolve_weights
 
 CODE_TASKS = ("mrc", "id")  # the tasks whose targets are image-tokenizer codes
@@ -54,6 +54,15 @@ class OptRecipe:
         self.loss_names = tuple(f"loss_{t.name}" for t in self.tasks)
 
     # ------------------------------------------------------------------ model set-up
+    def build_model(self, preset: str, device: torch.device | str, overrides: dict) -> OptModel:
+        """The ``opt-*`` preset, its image-code vocabulary sized to the tokenizer's codebook."""
+        if preset not in PRESETS:
+            raise ValueError(f"the opt recipe trains an OPT model: choose --preset from {sorted(PRESETS)}, "
+                             f"got {preset!r}")
+        if self.vq is not None:
+            overrides = {"codebook_size": self.vq.codebook_size, **overrides}
+        return OptModel.from_preset(preset, device=device, **overrides)
+
     def attach(self, model: OptModel) -> None:
         """Check that the model fits the tokenizers (its heads are its own)."""
         if not isinstance(model, OptModel):
@@ -134,3 +143,10 @@ class OptRecipe:
             raise ValueError(f"image codes must lie in [0, {model.cfg.codebook_size}), got "
                              f"[{int(codes.min())}, {int(codes.max())}]")
         return codes.to(model.mask_embed.device)
+
+
+def load_vq(path: str) -> ImageTokenizer:
+    """The image tokenizer ``omni vq train`` wrote to ``path``."""
+    from omni_core.model.vq import VQTokenizer
+
+    return VQTokenizer.load(path)

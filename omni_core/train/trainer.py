@@ -98,6 +98,9 @@ class TrainArgs:
     stream: bool = False  # stream shards per rank (omni_core.data.stream) instead of decoding the split once
     ranks: int | None = None  # world size the global step is defined for (set when the run starts)
     precision: str = "auto"  # auto | fp32 | bf16 (omni_core.precision)
+    vq: str | None = None  # opt: the image tokenizer's directory (omni vq train)
+    tasks: str | None = None  # opt: comma-separated task names (default: the nine)
+    task_weights: str | None = None  # opt: one weight per task (default: 1 each)
 
 
 LAUNCH_FIELDS = ("dist", "checkpoint_activations", "compile", "dist_timeout", "progress", "precision")
@@ -113,7 +116,8 @@ def learning_rate(args: TrainArgs, step: int, progress: float) -> float:
 
 # ONE-PEACE decays no bias, norm, position table, CLS or relative-position table; the
 # modality-stacked biases and norms ([M, D] here) count as what they are, not as matrices.
-NO_DECAY = {"pos", "positions", "bias_table", "cls", "cls_pos", "mask_token", "logit_scale", "b_in", "b_out",
+NO_DECAY = {"pos", "positions", "bias_table", "cls", "cls_pos", "mask_token", "mask_embed", "type_embed",
+            "logit_scale", "b_in", "b_out",
             "ln_weight", "ln_bias", "bias"}
 
 
@@ -208,8 +212,14 @@ def train(args: TrainArgs) -> dict:
     if mode == "fsdp" and (args.eval_every_s or (args.recipe == "one-peace" and args.stage == "2")):
         raise ValueError("--dist fsdp does not support --eval-every or --stage 2 (frozen slices); use --dist ddp")
 
-    model = OmniModel.from_preset(args.preset, device=device, **args.overrides)
-    recipe = make_recipe(args.recipe, args.stage, load_tokenizer(args.data), args.gather_grad)
+    if args.recipe == "opt" and (args.init or args.eval_every_s):
+        raise ValueError("--recipe opt does not take --init or --eval-every (evaluate with omni eval --recipe opt)")
+    recipe = make_recipe(args.recipe, args.stage, load_tokenizer(args.data), args.gather_grad, args.vq, args.tasks,
+                         args.task_weights)
+    if hasattr(recipe, "build_model"):  # a recipe that trains another model family (opt)
+        model = recipe.build_model(args.preset, device, args.overrides)
+    else:
+        model = OmniModel.from_preset(args.preset, device=device, **args.overrides)
     recipe.attach(model)
     if args.init and not args.resume:
         load_weights(run_weights(args.init), model)
@@ -349,7 +359,8 @@ def train_step(model: OmniModel, recipe: Recipe, optimizer, lr: float, grad_clip
     recipe.after_step(model)
     tokens = sum(sample_tokens(model, s) for s in samples)
     return {"loss": round(loss.item(), 5), **{k: round(v, 5) for k, v in parts.items()}, "lr": lr,
-            "logit_scale": round(model.logit_scale.exp().item(), 3), "tokens": tokens}
+            "logit_scale": round(model.logit_scale.exp().item(), 3) if hasattr(model, "logit_scale") else float("nan"),
+            "tokens": tokens}
 
 
 @torch.no_grad()
@@ -414,11 +425,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="omni pretrain", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="dataset directory (omni data synth --out)")
     p.add_argument("--out", required=True, help="run directory: checkpoints, metrics, model")
-    p.add_argument("--preset", default="tiny")
+    p.add_argument("--preset", help="model size (default: tiny; opt-tiny for --recipe opt)")
     p.add_argument("--recipe", choices=RECIPES, default=TrainArgs.recipe)
     p.add_argument("--stage", choices=["1", "2", "joint"], default=TrainArgs.stage,
                    help="one-peace: 1 image-text, 2 audio-text (frozen but audio; use --init), joint all three")
     p.add_argument("--init", help="start from this run's weights (e.g. stage 2 from a stage-1 run)")
+    p.add_argument("--vq", help="opt: the image tokenizer's directory (omni vq train --out)")
+    p.add_argument("--tasks", help="opt: comma-separated tasks (default mlm,mrc,mrfr,mrct,mafr,mac,itm,td,id)")
+    p.add_argument("--task-weights", help="opt: comma-separated weights, one per task (default 1 each)")
     p.add_argument("--gather-grad", action="store_true",
                    help="distributed: contrastive negatives from other ranks carry gradient")
     p.add_argument("--eval-every", type=float, help="evaluate retrieval every so many training seconds")
@@ -455,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.accum < 1:
         p.error("--accum must be >= 1")
     overrides = {"audio_front_end": a.audio_front_end} if a.audio_front_end else {}
-    args = TrainArgs(data=a.data, out=a.out, preset=a.preset, overrides=overrides, recipe=a.recipe, stage=a.stage,
+    preset = a.preset or ("opt-tiny" if a.recipe == "opt" else TrainArgs.preset)
+    args = TrainArgs(data=a.data, out=a.out, preset=preset, overrides=overrides, recipe=a.recipe, stage=a.stage,
                      init=a.init, gather_grad=a.gather_grad, eval_every_s=a.eval_every,
                      hard_negatives=a.hard_negatives, batch_size=a.batch_size,
                      token_budget=a.token_budget, lr=a.lr, warmup_steps=a.warmup_steps, seed=a.seed,
@@ -463,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
                      ckpt_every=a.ckpt_every, loader=a.loader, resume=a.resume, progress=not a.no_progress,
                      dist=a.dist, checkpoint_activations=a.checkpoint_activations, compile=a.compile,
                      dist_timeout=a.dist_timeout, accum=a.accum, stream=a.stream,
-                     precision=a.precision)
+                     precision=a.precision, vq=a.vq, tasks=a.tasks, task_weights=a.task_weights)
     try:
         with dist.peer_guard(a.dist_timeout):
             summary = train(args)
