@@ -275,3 +275,69 @@ def test_dead_or_hung_rank_stops_the_other(how, tmp_path):
     assert procs[0].returncode != 0
     assert "lost contact with another rank" in err, err[-2000:]
     assert waited < timeout + 30  # start-up + the timeout, never an indefinite hang
+
+
+# ---------------------------------------------------------------- ONE-PEACE stage 2 under FSDP2
+def stage2_samples(n: int, seed: int) -> list:
+    from omni_core.data.sample import Sample
+
+    g = torch.Generator().manual_seed(seed)
+    return [Sample(f"s{i}", torch.randn(3, 32, 32, generator=g, dtype=torch.float64),
+                   torch.randn(4000 + 800 * i, generator=g, dtype=torch.float64), "",
+                   torch.cat([torch.randint(5, 200, (4 + i,), generator=g), torch.tensor([3])])) for i in range(n)]
+
+
+def _stage2_run(mode: str) -> dict:
+    """Two optimizer steps of ONE-PEACE stage 2 (frozen rows of the stacked FFN / final-norm
+    parameters) on this rank's half of each global batch; the full parameters after them."""
+    from omni_core.recipes.one_peace import OnePeaceRecipe
+    from omni_core.train.trainer import TrainArgs, make_optimizer, train_step
+
+    r = odist.rank()
+    model = make_model()
+    recipe = OnePeaceRecipe("2", word_start=torch.ones(200, dtype=torch.bool), eos_id=3)
+    recipe.attach(model)
+    model.dcl_decoder.double()
+    recipe.prepare(model, reset_logit_scale=True)
+    runner = odist.wrap_model(model, mode)
+    optimizer = make_optimizer(model, TrainArgs(data="", out=""))
+    for step in range(2):
+        batch = stage2_samples(4, seed=10 + step)[2 * r:2 * r + 2]
+        train_step(model, recipe, optimizer, 5e-2, 3.0, batch, torch.device("cpu"),
+                   torch.Generator().manual_seed(100 * step + r), runner)
+    return full_state(model)
+
+
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in model.state_dict().items()}
+
+
+def _stage2_main(out: str) -> None:
+    result = {mode: _stage2_run(mode) for mode in ("ddp", "fsdp")}
+    if odist.rank() == 0:
+        torch.save(result, out)
+
+
+def test_stage2_frozen_rows_under_fsdp_equal_ddp(tmp_path):
+    from omni_core.model.omni import AUDIO
+
+    out = tmp_path / "stage2.pt"
+    odist.launch_local(_stage2_main, 2, str(out), env=ENV)
+    runs = torch.load(out)
+    model = make_model()  # the weights both runs started from
+    start = model.state_dict()
+    ddp, fsdp = runs["ddp"], runs["fsdp"]
+    assert ddp.keys() == fsdp.keys()
+    for name in ddp:
+        assert close(fsdp[name], ddp[name]), name
+    stacked = [k for k in start if k.startswith("final_norm.") or ".ffn." in k]
+    assert stacked
+    for name in stacked:  # the audio rows train, every other row is exactly as it was
+        rows = torch.ones(start[name].shape[0], dtype=torch.bool)
+        rows[AUDIO] = False
+        assert torch.equal(fsdp[name][rows], start[name][rows]), name
+        assert not torch.equal(fsdp[name][AUDIO], start[name][AUDIO]), name
+    for name in ("blocks.0.attn.q_proj.weight", "text.embed.weight", "heads.0.weight"):
+        assert torch.equal(fsdp[name], start[name]), name
+    assert not torch.equal(fsdp["heads.2.weight"], start["heads.2.weight"])

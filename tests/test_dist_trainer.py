@@ -20,7 +20,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMNI_DIST_TIMEOUT": "120"}
 def pretrain(data: Path, out: Path, batch: int, *extra: str) -> list[str]:
     return ["-m", "omni_core.cli", "pretrain", "--data", str(data), "--out", str(out), "--recipe", "contrastive",
             "--steps", "6", "--batch-size", str(batch), "--ckpt-every", "2", "--warmup-steps", "2", "--seed", "3",
-            "--loader", "pil", "--no-progress", *extra]
+            "--loader", "pil", "--precision", "fp32", "--no-progress", *extra]
 
 
 def curve(run: Path) -> list[dict]:

@@ -29,6 +29,7 @@ Stages:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +38,7 @@ from omni_core.data.sample import Sample
 from omni_core.model.decoder import DecoderSegment, MaskedDecoder
 from omni_core.model.omni import AUDIO, IMAGE, TEXT, ModalInputs, OmniModel, SegmentRef
 from omni_core.train import masking
+from omni_core.train.dist import local_rows
 from omni_core.train.objectives import cross_modal_contrast, denoising_contrast, logit_scale_exp
 
 STAGES = ("1", "2", "joint")
@@ -97,7 +99,7 @@ class OnePeaceRecipe:
         self.stage, self.plan = stage, PLANS[stage]
         self.word_start, self.eos_id, self.gather_grad = word_start, eos_id, gather_grad
         self.loss_names = tuple(c[0] for c in self.plan.contrast) + tuple(d.name for d in self.plan.dcl)
-        self._frozen_slices: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._frozen_rows: dict[str, torch.Tensor] = {}  # stage 2: parameter name -> its frozen rows' values
 
     # ------------------------------------------------------------------ model set-up
     def attach(self, model: OmniModel) -> None:
@@ -112,7 +114,7 @@ class OnePeaceRecipe:
         if reset_logit_scale:
             with torch.no_grad():
                 model.logit_scale.fill_(torch.tensor(1 / 0.07).log().item())
-        self._frozen_slices = []
+        self._frozen_rows = {}
         if self.stage != "2":
             model.requires_grad_(True)
             return
@@ -121,20 +123,34 @@ class OnePeaceRecipe:
             module.requires_grad_(True)
         model.logit_scale.requires_grad_(True)
         # The audio FFNs and the audio final norm are the AUDIO rows of modality-stacked
-        # parameters: they train, the other rows are restored after every step.
-        stacked = [p for block in model.blocks for p in block.ffn.parameters()]
-        stacked += list(model.final_norm.parameters())
-        for p in stacked:
-            p.requires_grad_(True)
-            others = _non_audio_rows(p)
-            p.register_hook(lambda g, rows=others: g.masked_fill(rows.view(-1, *[1] * (g.dim() - 1)), 0))
-            self._frozen_slices.append((p, p.detach()[others].clone()))
+        # parameters: they train; the other rows' gradients are zeroed as they arrive (before
+        # clipping) and their values restored after every step (AdamW's weight decay moves them).
+        # The hook sees the gradient after accumulation: under FSDP2, this rank's shard after the
+        # reduce-scatter (dist.wrap_model moves the hook to the sharded parameter).
+        for block in model.blocks:
+            block.ffn.requires_grad_(True)
+        model.final_norm.requires_grad_(True)
+        for name, p in model.named_parameters():
+            if name.startswith("final_norm.") or (name.startswith("blocks.") and ".ffn." in name):
+                p.register_post_accumulate_grad_hook(functools.partial(self._freeze_rows, name))
+
+    def _freeze_rows(self, name: str, p: torch.Tensor) -> None:
+        """Zero the frozen rows of ``p``'s gradient; on the first call, keep their values (this rank's
+        rows only), which no optimizer step has touched yet (a resumed run: the loaded ones)."""
+        grad, first = local_rows(p.grad)
+        frozen = _non_audio_rows(p.shape[0], grad.device)[first:first + grad.shape[0]]
+        with torch.no_grad():
+            grad[frozen] = 0
+            if name not in self._frozen_rows:
+                self._frozen_rows[name] = local_rows(p.detach())[0][frozen].clone()
 
     def after_step(self, model: OmniModel) -> None:
         """Undo weight decay on the frozen rows of stacked parameters (stage 2)."""
         with torch.no_grad():
-            for p, saved in self._frozen_slices:
-                p[_non_audio_rows(p)] = saved
+            for name, saved in self._frozen_rows.items():
+                p = model.get_parameter(name)
+                local, first = local_rows(p.detach())
+                local[_non_audio_rows(p.shape[0], local.device)[first:first + local.shape[0]]] = saved
 
     # ------------------------------------------------------------------ the step
     def draw_masks(self, model: OmniModel, samples: list[Sample], g: torch.Generator) -> list[SampleMasks]:
@@ -297,10 +313,10 @@ def gather_candidates(x: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, i
     return gather_rows(x if with_grad else x.detach(), with_grad=with_grad)
 
 
-def _non_audio_rows(p: torch.Tensor) -> torch.Tensor:
-    rows = torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
-    rows[AUDIO] = False
-    return rows
+def _non_audio_rows(rows: int, device: torch.device) -> torch.Tensor:
+    mask = torch.ones(rows, dtype=torch.bool, device=device)
+    mask[AUDIO] = False
+    return mask
 
 
 def full_length(model: OmniModel, sample: Sample, modality: int) -> int:

@@ -181,13 +181,39 @@ def _fully_shard(runner: StepRunner, blocks: nn.ModuleList) -> None:
     mesh = init_device_mesh(device.type, (world_size(),))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if device.type == "cuda" else MixedPrecisionPolicy())
+    # fully_shard replaces every parameter with a new (sharded) one: gradient hooks registered before
+    # wrapping (a recipe freezing rows) move to the replacement, where FSDP2 calls them after the
+    # reduce-scatter with the sharded gradient (see local_rows)
+    hooks = {name: list((p._post_accumulate_grad_hooks or {}).values()) for name, p in runner.named_parameters()}
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     scalars = {p for p in runner.parameters() if p.dim() == 0}
     fully_shard(runner, mesh=mesh, mp_policy=policy, ignored_params=scalars)
+    for name, p in runner.named_parameters():
+        if p not in scalars:
+            for hook in hooks.get(name, []):
+                p.register_post_accumulate_grad_hook(hook)
     for p in scalars:
         if p.requires_grad:
             p.register_post_accumulate_grad_hook(_average_grad)
+
+
+def local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """This rank's rows of ``t`` (a view: writes land in ``t``) and the global index of the first.
+
+    A plain tensor is all rows: ``(t, 0)``. A parameter or gradient FSDP2 sharded on dim 0 holds
+    the rows ``torch.chunk`` gives this rank: ``ceil(rows / W)`` each, the last ranks fewer or none.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(t, DTensor):
+        return t, 0
+    if t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
+        raise ValueError(f"local_rows needs a tensor sharded on dim 0 over a 1-D mesh, got {t.placements}")
+    with torch.no_grad():
+        local = t.to_local()
+    per_rank = -(-t.shape[0] // t.device_mesh.size())
+    return local, min(t.device_mesh.get_local_rank() * per_rank, t.shape[0])
 
 
 def _average_grad(p: torch.Tensor) -> None:
@@ -195,6 +221,22 @@ def _average_grad(p: torch.Tensor) -> None:
     dist.all_reduce(p.grad, op=dist.ReduceOp.AVG if dist.get_backend() == "nccl" else dist.ReduceOp.SUM)
     if dist.get_backend() != "nccl":  # gloo has no AVG
         p.grad.div_(world_size())
+
+
+def run_outside_step(runner: nn.Module, fn: Callable, *args, **kwargs):
+    """``fn(model, *args)`` outside a training step (evaluation), without gradients.
+
+    Under FSDP2 it runs inside the runner's forward, where the sharded parameters are gathered by
+    collectives: every rank must make the same call. The root's parameters are resharded after
+    it (they stay gathered after a forward that no backward follows). Otherwise it runs on the
+    model itself: no collective (DDP's forward would synchronise buffers).
+    """
+    with torch.no_grad():
+        if not hasattr(runner, "reshard"):  # not FSDP2
+            return fn(unwrap(runner), *args, **kwargs)
+        out = runner(fn, *args, **kwargs)
+        runner.reshard()
+        return out
 
 
 @contextlib.contextmanager

@@ -209,8 +209,6 @@ def train(args: TrainArgs) -> dict:
     args.ranks = args.ranks or info.world_size
     mode = dist.resolve_mode(args.dist, info.world_size)
     use_sharded = sharded is not None or mode != "none"  # sharded checkpoints once distributed
-    if mode == "fsdp" and (args.eval_every_s or (args.recipe == "one-peace" and args.stage == "2")):
-        raise ValueError("--dist fsdp does not support --eval-every or --stage 2 (frozen slices); use --dist ddp")
 
     if args.recipe == "opt" and (args.init or args.eval_every_s):
         raise ValueError("--recipe opt does not take --init or --eval-every (evaluate with omni eval --recipe opt)")
@@ -253,21 +251,23 @@ def train(args: TrainArgs) -> dict:
     done = False
     while not done:
         for micro, position in data.epoch(state):
-            if eval_set is not None and state["elapsed_s"] >= state["next_eval_s"] and info.is_main:
+            if eval_set is not None and state["elapsed_s"] >= state["next_eval_s"]:  # every rank (FSDP2)
                 paused = time.perf_counter()  # evaluation time is not training time
-                eval_point(out, model, eval_set.samples[: args.eval_samples], state)
+                eval_point(out, model, eval_set.samples[: args.eval_samples], state, runner, info.is_main)
                 start += time.perf_counter() - paused
                 state["next_eval_s"] = state["elapsed_s"] + args.eval_every_s
             progress = (state["step"] / args.steps if args.steps
                         else state["elapsed_s"] / budget_s)
             lr = learning_rate(args, state["step"], progress)
             g = torch.Generator().manual_seed(args.seed * 1_000_003 + state["step"] + 104_729 * info.rank)
-            row = dist.reduce_row(train_step(model, recipe, optimizer, lr, args.grad_clip, micro, device, g, runner,
-                                                    precision))
+            row = train_step(model, recipe, optimizer, lr, args.grad_clip, micro, device, g, runner, precision)
+            # the clock is averaged over ranks with the metrics: every rank takes the same time-based
+            # decisions (evaluate, stop), or one would wait for the others' collectives
+            row = dist.reduce_row({**row, "elapsed_s": elapsed_before + time.perf_counter() - start})
             state["step"] += 1
             state.update(position)
             state["tokens"] += row["tokens"]
-            state["elapsed_s"] = elapsed_before + time.perf_counter() - start
+            state["elapsed_s"] = row["elapsed_s"]
             row.update(step=state["step"], epoch=state["epoch"], elapsed_s=round(state["elapsed_s"], 3),
                        tokens_per_s=round(state["tokens"] / max(state["elapsed_s"], 1e-9), 1))
             log.write(row)
@@ -286,8 +286,8 @@ def train(args: TrainArgs) -> dict:
             state["batch_in_epoch"] = 0
     bar.close()
     log.close()
-    if eval_set is not None and info.is_main:
-        eval_point(out, model, eval_set.samples[: args.eval_samples], state)
+    if eval_set is not None:
+        eval_point(out, model, eval_set.samples[: args.eval_samples], state, runner, info.is_main)
     skipped = [str(s) for s in data.loader.skipped] if args.stream else train_set.skipped
     skipped_total = int(dist.reduce_row({"tokens": len(skipped)})["tokens"])  # summed over ranks
     if use_sharded:
@@ -364,13 +364,19 @@ def train_step(model: OmniModel, recipe: Recipe, optimizer, lr: float, grad_clip
 
 
 @torch.no_grad()
-def eval_point(out: Path, model: OmniModel, samples: list[Sample], state: dict) -> None:
-    """Append retrieval R@1 of every direction at this point of training to eval_curve.csv."""
+def eval_point(out: Path, model: OmniModel, samples: list[Sample], state: dict, runner=None,
+               write: bool = True) -> None:
+    """Append retrieval R@1 of every direction at this point of training to eval_curve.csv (when
+    ``write``). Distributed, every rank calls it (FSDP2 gathers the weights with collectives);
+    each embeds every sample, so rank 0 is not late for the next step."""
     from omni_core.eval.retrieval import embed_split, retrieval_metrics
 
     was_training = model.training
-    metrics = retrieval_metrics(embed_split(model, samples))
+    emb = dist.run_outside_step(runner, embed_split, samples) if runner is not None else embed_split(model, samples)
     model.train(was_training)
+    if not write:
+        return
+    metrics = retrieval_metrics(emb)
     row = {"step": state["step"], "elapsed_s": round(state["elapsed_s"], 1),
            **{name: m["R@1"] for name, m in metrics.items()}}
     path = out / EVAL_CURVE
