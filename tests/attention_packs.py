@@ -27,3 +27,29 @@ def make_pack(lengths: list[int], H: int, D: int, bias: str | None, seed: int = 
     pack.update(table=torch.randn(NB, H, generator=g), lut=lut, modality=torch.tensor(modality),
                 position=torch.tensor(position, dtype=torch.int32))
     return pack
+
+
+def bias_grad_abs_sums(pack: dict, causal: bool = False) -> torch.Tensor:
+    """``[NB, H]`` float64: for every bias_table entry and head, the sum of |dS| over the
+    (query, key) pairs that read it, from a dense float64 attention per sequence.
+
+    The bias gradient is a sum of dS terms that nearly cancel (every row of dS sums to 0),
+    so its relative error is set by the summation's condition ||sum |dS| || / ||sum dS||,
+    not by the precision alone: a result whose terms each carry relative error d is off
+    by at most d * ||sum |dS| ||. The tests scale their bound for d bias_table with it."""
+    q, k, v, do = (pack[n].double() for n in ("q", "k", "v", "dout"))
+    table, lut, modality, position = pack["table"].double(), pack["lut"], pack["modality"], pack["position"]
+    sums = torch.zeros(table.shape, dtype=torch.float64)
+    bounds = pack["cu"].tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        L = end - start
+        mod, pos = modality[start:end].long(), position[start:end].long()
+        entry = lut[mod[:, None], pos[:, None], pos[None, :]].long()
+        keep = (mod[:, None] == mod[None, :]) & (entry >= 0)
+        bias = (table[entry.clamp(min=0)] * keep[..., None]).permute(2, 0, 1).clone().requires_grad_()
+        logits = torch.einsum("ihd,jhd->hij", q[start:end], k[start:end]) / q.shape[-1] ** 0.5 + bias
+        if causal:
+            logits = logits.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+        torch.einsum("hij,jhd->ihd", logits.softmax(-1), v[start:end]).backward(do[start:end])
+        sums.index_add_(0, entry[keep], bias.grad.abs().permute(1, 2, 0)[keep])
+    return sums

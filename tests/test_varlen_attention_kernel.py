@@ -15,7 +15,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from attention_packs import make_pack
+from attention_packs import bias_grad_abs_sums, make_pack
 from omni_core.kernels import varlen_attention as va  # noqa: E402
 
 from omni_core import compat  # noqa: E402
@@ -30,6 +30,13 @@ CAPS = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 # to be near-exact on one tensor does not make the bound meaningless.
 FLOORS = {torch.float32: 1e-7, torch.float16: 5e-5, torch.bfloat16: 5e-4}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# d bias_table sums dS terms that nearly cancel; its error scales with the summation's
+# condition (see attention_packs.bias_grad_abs_sums): torch's fp32 autograd lands at about
+# 1.0 u * condition (u = 2**-24), the kernel at 1.3-2.5 (its dS has a few more fp32 roundings:
+# base-2 scaling, P recomputed from the saved fp32 LSE), so the 2x-torch ratio alone is
+# crossed by some seeds. Its bound is also allowed REDUCTION_ULPS * u * condition: every dS
+# term within 4 ulp, errors aligned in the worst case.
+REDUCTION_ULPS = 4
 
 # name: (sequence lengths, heads, head dim, bias kind). Joint sequences switch modality
 # mid-sequence; positions restart at 0 in every modality segment.
@@ -73,6 +80,16 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(va, "_empty", nan_empty)
 
 
+def bound(name: str, dtype: torch.dtype, base_err: float, ref: torch.Tensor, rounded: dict, causal: bool) -> float:
+    """2x the same-precision torch error (plus a floor), under the cap; for d bias_table
+    at least REDUCTION_ULPS fp32 ulps per summed term (see REDUCTION_ULPS)."""
+    allowed = 2 * base_err + FLOORS[dtype]
+    if name == "dbias_table":
+        condition = float(bias_grad_abs_sums(rounded, causal).norm() / ref.norm())
+        allowed = max(allowed, REDUCTION_ULPS * 2.0**-24 * condition)
+    return min(allowed, CAPS[dtype])
+
+
 def check_against_references(pack: dict, dtype: torch.dtype, mode: str, monkeypatch) -> None:
     monkeypatch.setenv("OMNI_ATTN_BIAS_GRAD", mode)
     got = run(va.varlen_attention_triton, pack, dtype)
@@ -83,8 +100,8 @@ def check_against_references(pack: dict, dtype: torch.dtype, mode: str, monkeypa
     names = ["out", "dq", "dk", "dv", "dbias_table"][:len(got)]
     for name, x, ref, base in zip(names, got, exact, same_precision, strict=True):
         err, base_err = rel_err(x, ref), rel_err(base, ref)
-        bound = min(2 * base_err + FLOORS[dtype], CAPS[dtype])
-        assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (torch {dtype} error {base_err:.3e})"
+        limit = bound(name, dtype, base_err, ref, rounded, causal=False)
+        assert err <= limit, f"{name}: error {err:.3e} > bound {limit:.3e} (torch {dtype} error {base_err:.3e})"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -308,8 +325,8 @@ def test_decoder_modes_forward_lse_and_gradients(case, dtype, poisoned):
     names = ["out", "dq", "dk", "dv", "dbias_table"][:len(got)]
     for name, x, ref, base in zip(names, got, exact, same_precision, strict=True):
         err, base_err = rel_err(x, ref), rel_err(base, ref)
-        bound = min(2 * base_err + FLOORS[dtype], CAPS[dtype])
-        assert err <= bound, f"seed {seed} {name}: error {err:.3e} > bound {bound:.3e} (torch {base_err:.3e})"
+        limit = bound(name, dtype, base_err, ref, rounded, pack["kwargs"]["causal"])
+        assert err <= limit, f"seed {seed} {name}: error {err:.3e} > bound {limit:.3e} (torch {base_err:.3e})"
 
 
 def test_bias_gradient_work_is_skipped_without_requires_grad(monkeypatch):
