@@ -20,7 +20,7 @@ std::string capability() {
   return "DEFAULT";
 }
 
-void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool cross) {
   for (const auto* t : {&q, &k, &v}) {
     TORCH_CHECK(t->device().is_cpu(), "varlen_attention (native): q, k, v must be CPU tensors, got ", t->device());
     TORCH_CHECK(t->dim() == 3, "varlen_attention (native): q, k, v must be [T, H, Dh], got ", t->sizes());
@@ -30,34 +30,53 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "varlen_attention (native): q, k, v dtypes disagree: ", q.scalar_type(), ", ", k.scalar_type(), ", ",
               v.scalar_type());
-  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "varlen_attention (native): q, k, v shapes disagree: ",
-              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes() && k.size(2) == q.size(2) && (cross || k.size(0) == q.size(0)),
+              "varlen_attention (native): q, k, v shapes disagree: ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "varlen_attention (native): the key/value heads Hk=",
+              k.size(1), " must divide the query heads H=", q.size(1));
+}
+
+// cu must be a CPU int32 [B+1] running from 0 to T, non-decreasing.
+void check_cu(const at::Tensor& cu, int64_t T, const char* name) {
+  TORCH_CHECK(cu.device().is_cpu() && cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.numel() >= 1,
+              "varlen_attention (native): ", name, " must be a CPU int32 [B+1] tensor, got ", cu.sizes(), " ",
+              cu.scalar_type());
+  const at::Tensor c = cu.contiguous();
+  const int32_t* p = c.data_ptr<int32_t>();
+  const int64_t B = c.numel() - 1;
+  TORCH_CHECK(p[0] == 0 && p[B] == T, "varlen_attention (native): ", name, " must run from 0 to T=", T, ", got ",
+              p[0], " .. ", p[B]);
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(p[b + 1] >= p[b], "varlen_attention (native): ", name, " must be non-decreasing (index ", b, ")");
 }
 
 Args make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
-               double scale, const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& lut,
+               const std::optional<at::Tensor>& cu_seqlens_k, bool causal, double scale,
+               const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& lut,
                const std::optional<at::Tensor>& modality, const std::optional<at::Tensor>& position) {
-  check_qkv(q, k, v);
+  const bool cross = cu_seqlens_k.has_value();
+  check_qkv(q, k, v, cross);
   const int64_t T = q.size(0), H = q.size(1);
-  TORCH_CHECK(cu_seqlens.device().is_cpu() && cu_seqlens.scalar_type() == at::kInt && cu_seqlens.dim() == 1 &&
-                  cu_seqlens.numel() >= 1,
-              "varlen_attention (native): cu_seqlens must be a CPU int32 [B+1] tensor, got ", cu_seqlens.sizes(), " ",
-              cu_seqlens.scalar_type());
+  check_cu(cu_seqlens, T, "cu_seqlens");
   Args a;
   a.q = q.contiguous();
   a.k = k.contiguous();
   a.v = v.contiguous();
   a.cu_seqlens = cu_seqlens.contiguous();
-  const int32_t* cu = a.cu_seqlens.data_ptr<int32_t>();
-  const int64_t B = a.cu_seqlens.numel() - 1;
-  TORCH_CHECK(cu[0] == 0 && cu[B] == T, "varlen_attention (native): cu_seqlens must run from 0 to T=", T,
-              ", got ", cu[0], " .. ", cu[B]);
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(cu[b + 1] >= cu[b], "varlen_attention (native): cu_seqlens must be non-decreasing (index ", b, ")");
+  a.cu_seqlens_k = a.cu_seqlens;
+  if (cross) {
+    TORCH_CHECK(cu_seqlens_k->numel() == cu_seqlens.numel(), "varlen_attention (native): cu_seqlens_k must have the ",
+                cu_seqlens.numel(), " entries of cu_seqlens (one key sequence per query sequence)");
+    check_cu(*cu_seqlens_k, k.size(0), "cu_seqlens_k");
+    a.cu_seqlens_k = cu_seqlens_k->contiguous();
+  }
+  a.causal = causal;
   a.scale = scale;
   const int given = table.has_value() + lut.has_value() + modality.has_value() + position.has_value();
   TORCH_CHECK(given == 0 || given == 4,
               "varlen_attention (native): the bias needs bias_table, bias_lut, modality and position together");
+  TORCH_CHECK(given == 0 || !cross, "varlen_attention (native): the relative-position bias is a self-attention "
+              "feature: it cannot be combined with cu_seqlens_k");
   if (given == 4) {
     TORCH_CHECK(table->dim() == 2 && table->size(1) == H, "varlen_attention (native): bias_table must be [NB, H=", H,
                 "], got ", table->sizes());
@@ -90,15 +109,13 @@ Args make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   return a;
 }
 
-std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                        const at::Tensor& cu_seqlens, double scale,
-                                                        const std::optional<at::Tensor>& table,
-                                                        const std::optional<at::Tensor>& lut,
-                                                        const std::optional<at::Tensor>& modality,
-                                                        const std::optional<at::Tensor>& position,
-                                                        const std::optional<at::Tensor>& out_buf,
-                                                        const std::optional<at::Tensor>& lse_buf) {
-  const Args a = make_args(q, k, v, cu_seqlens, scale, table, lut, modality, position);
+std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens, double scale,
+    const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& lut,
+    const std::optional<at::Tensor>& modality, const std::optional<at::Tensor>& position,
+    const std::optional<at::Tensor>& cu_seqlens_k, bool causal, const std::optional<at::Tensor>& out_buf,
+    const std::optional<at::Tensor>& lse_buf) {
+  const Args a = make_args(q, k, v, cu_seqlens, cu_seqlens_k, causal, scale, table, lut, modality, position);
   // out_buf / lse_buf let a test hand in NaN-poisoned buffers, so an unwritten element shows.
   at::Tensor out = out_buf.has_value() ? *out_buf : at::empty_like(a.q);
   at::Tensor lse = lse_buf.has_value() ? *lse_buf : at::empty({a.q.size(0), a.q.size(1)}, a.q.options());
@@ -122,25 +139,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& cu_seqlens, double scale, const std::optional<at::Tensor>& table,
     const std::optional<at::Tensor>& lut, const std::optional<at::Tensor>& modality,
-    const std::optional<at::Tensor>& position, bool table_grad) {
-  const Args a = make_args(q, k, v, cu_seqlens, scale, table, lut, modality, position);
+    const std::optional<at::Tensor>& position, bool table_grad, const std::optional<at::Tensor>& cu_seqlens_k,
+    bool causal, const std::optional<at::Tensor>& dlse) {
+  const Args a = make_args(q, k, v, cu_seqlens, cu_seqlens_k, causal, scale, table, lut, modality, position);
   for (const auto* t : {&dout, &out})
     TORCH_CHECK(t->sizes() == q.sizes() && t->scalar_type() == q.scalar_type() && t->device().is_cpu(),
                 "varlen_attention (native): out and its gradient must match q (", q.sizes(), " ", q.scalar_type(),
                 ")");
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
-                  lse.scalar_type() == q.scalar_type(),
-              "varlen_attention (native): lse must be [T, H] in q's dtype");
+  for (const at::Tensor* t : {&lse, dlse.has_value() ? &*dlse : &lse})
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == q.size(0) && t->size(1) == q.size(1) &&
+                    t->scalar_type() == q.scalar_type() && t->device().is_cpu(),
+                "varlen_attention (native): lse and its gradient must be [T, H] in q's dtype");
   Grads g{at::zeros_like(a.q), at::zeros_like(a.k), at::zeros_like(a.v), at::Tensor()};
   if (table_grad && a.table.defined()) g.dtable = at::zeros_like(a.table);
   const at::Tensor o = out.contiguous(), l = lse.contiguous(), d = dout.contiguous();
+  const at::Tensor dl = dlse.has_value() ? dlse->contiguous() : at::Tensor();
   const std::string cap = capability();
   if (cap == "AVX512") {
-    AVX512::backward(a, o, l, d, g);
+    AVX512::backward(a, o, l, d, dl, g);
   } else if (cap == "AVX2") {
-    AVX2::backward(a, o, l, d, g);
+    AVX2::backward(a, o, l, d, dl, g);
   } else {
-    DEFAULT::backward(a, o, l, d, g);
+    DEFAULT::backward(a, o, l, d, dl, g);
   }
   // An empty dtable means "no gradient" (a schema cannot return an optional tensor).
   return {g.dq, g.dk, g.dv, g.dtable.defined() ? g.dtable : at::empty({0}, a.q.options())};
@@ -155,11 +175,13 @@ TORCH_LIBRARY(omni_native, m) {
   m.def("varlen_attention_capability() -> str", [] { return omni::attention::capability(); });
   m.def(
       "varlen_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, float scale, Tensor? bias_table, "
-      "Tensor? bias_lut, Tensor? modality, Tensor? position, Tensor? out_buf=None, Tensor? lse_buf=None) "
+      "Tensor? bias_lut, Tensor? modality, Tensor? position, Tensor? cu_seqlens_k=None, bool causal=False, "
+      "Tensor? out_buf=None, Tensor? lse_buf=None) "
       "-> (Tensor, Tensor)");
   m.def(
       "varlen_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens, "
-      "float scale, Tensor? bias_table, Tensor? bias_lut, Tensor? modality, Tensor? position, bool table_grad) "
+      "float scale, Tensor? bias_table, Tensor? bias_lut, Tensor? modality, Tensor? position, bool table_grad, "
+      "Tensor? cu_seqlens_k=None, bool causal=False, Tensor? dlse=None) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -11,17 +11,20 @@
 namespace omni::attention {
 
 // Everything a kernel reads. Tensors are contiguous, on the CPU, in one float dtype
-// (float or double); `table` is undefined when there is no bias, else table [NB, H],
-// lut int32 [M, P, P], modality int32 [T], position int32 [T].
+// (float or double): q [Tq, H, Dh], k and v [Tk, Hk, Dh]; cu_seqlens_k is cu_seqlens for
+// self-attention. `table` is undefined when there is no bias (always, for cross-attention),
+// else table [NB, H], lut int32 [M, P, P], modality int32 [T], position int32 [T].
 struct Args {
-  at::Tensor q, k, v, cu_seqlens;
+  at::Tensor q, k, v, cu_seqlens, cu_seqlens_k;
   double scale = 1.0;
+  bool causal = false;
   at::Tensor table, lut, modality, position;
   int64_t block_q = 64, block_k = 512;  // block_k: the most keys per block (see key_block)
 };
 
 // Grads are zero-initialised by the caller and accumulated into; dtable is undefined when
-// the bias table needs no gradient.
+// the bias table needs no gradient. The backward's dlse (gradient of the returned lse,
+// [Tq, H]) is undefined when the caller did not use the lse.
 struct Grads {
   at::Tensor dq, dk, dv, dtable;
 };
@@ -30,7 +33,7 @@ struct Grads {
   namespace CAP {                                                                        \
   void forward(const Args& args, at::Tensor& out, at::Tensor& lse);                      \
   void backward(const Args& args, const at::Tensor& out, const at::Tensor& lse,          \
-                const at::Tensor& dout, Grads& grads);                                   \
+                const at::Tensor& dout, const at::Tensor& dlse, Grads& grads);           \
   }
 OMNI_DECLARE_KERNELS(DEFAULT)
 OMNI_DECLARE_KERNELS(AVX2)

@@ -2,21 +2,28 @@
 // source, compiled once per CPU capability (see varlen_attention.h). Include it only after
 // defining CPU_CAPABILITY (DEFAULT, AVX2 or AVX512) and the matching CPU_CAPABILITY_* macro.
 //
-// Semantics (omni_core/ops/attention.py): q, k, v [T, H, Dh]; sequence b is the tokens
-// cu_seqlens[b] .. cu_seqlens[b+1]; logit(i, j) = scale * q_i . k_j, plus
-// table[lut[m, pos_i, pos_j], h] when modality_i == modality_j == m and the entry is >= 0.
+// Semantics (omni_core/ops/attention.py): q [Tq, H, Dh], k and v [Tk, Hk, Dh] with Hk
+// dividing H (query head h reads key/value head h / (H / Hk): grouped-query attention);
+// query sequence b is the tokens cu_q[b] .. cu_q[b+1], its keys cu_k[b] .. cu_k[b+1] (the
+// same boundaries for self-attention). logit(i, j) = scale * q_i . k_j, plus
+// table[lut[m, pos_i, pos_j], h] when modality_i == modality_j == m and the entry is >= 0
+// (self-attention only). Causal (bottom-right, as flash-attn): query i of a sequence with Lq
+// queries and Lk keys sees key j iff j <= i + Lk - Lq. A query that sees no key outputs 0
+// and has lse -inf.
 //
 // Forward: FlashAttention-2's blocked online softmax. One work item is (sequence, head,
-// query block); it walks the key blocks keeping a running row max m, row sum l and an
-// unnormalised output, so no [L, L] logit, bias or mask is ever materialised. It saves
-// lse = m + log(l) per (token, head) for the backward.
+// query block); it walks the key blocks it can see, keeping a running row max m, row sum l
+// and an unnormalised output, so no [L, L] logit, bias or mask is ever materialised. It
+// saves lse = m + log(l) per (token, head) for the backward.
 //
-// Backward: one work item is (sequence, head); it walks key blocks, and for each key block
-// every query block, recomputing P = exp(S - lse) from the saved lse:
-//   dV += P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),
+// Backward: one work item is (sequence, key/value head); for each query head of its group it
+// walks key blocks, and for each key block every query block that sees it, recomputing
+// P = exp(S - lse) from the saved lse:
+//   dV += P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O) + dlse),
 //   dQ += scale dS K,  dK += scale dS^T Q,  dtable[lut entry, h] += dS (biased pairs).
-// A work item owns its rows of dQ, dK, dV (no atomics); dtable, shared by all sequences, is
-// accumulated in one private copy per thread and summed at the end.
+// (dlse, the gradient of the returned lse, is 0 unless the caller used it.) A work item owns
+// its rows of dQ and of dK, dV (every query head of the group is in it: no atomics); dtable,
+// shared by all sequences, is accumulated in one private copy per thread and summed at the end.
 //
 // Matmuls go to BLAS (sgemm/dgemm) on strided views of the packed tensors (no copies);
 // the row-wise softmax work is vectorised with at::vec. Work items are handed out longest
@@ -64,17 +71,19 @@ inline void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T 
 template <typename T>
 struct View {
   const T *q, *k, *v;
-  const int32_t* cu;
-  int64_t H, Dh, ld;  // ld: elements between consecutive tokens (H * Dh)
+  const int32_t *cu_q, *cu_k;
+  int64_t H, G, Dh, ldq, ldk;  // G query heads per key head; ld*: elements between tokens
   T scale;
+  bool causal;
   const T* table;  // nullptr: no bias
   const int32_t *lut, *modality, *position;
   int64_t P;
 
   explicit View(const Args& a)
       : q(a.q.data_ptr<T>()), k(a.k.data_ptr<T>()), v(a.v.data_ptr<T>()),
-        cu(a.cu_seqlens.data_ptr<int32_t>()), H(a.q.size(1)), Dh(a.q.size(2)), ld(H * Dh),
-        scale(static_cast<T>(a.scale)), table(a.table.defined() ? a.table.data_ptr<T>() : nullptr),
+        cu_q(a.cu_seqlens.data_ptr<int32_t>()), cu_k(a.cu_seqlens_k.data_ptr<int32_t>()), H(a.q.size(1)),
+        G(a.q.size(1) / a.k.size(1)), Dh(a.q.size(2)), ldq(H * Dh), ldk(a.k.size(1) * Dh),
+        scale(static_cast<T>(a.scale)), causal(a.causal), table(a.table.defined() ? a.table.data_ptr<T>() : nullptr),
         lut(table ? a.lut.data_ptr<int32_t>() : nullptr),
         modality(table ? a.modality.data_ptr<int32_t>() : nullptr),
         position(table ? a.position.data_ptr<int32_t>() : nullptr), P(table ? a.lut.size(1) : 0) {}
@@ -87,6 +96,20 @@ struct View {
   }
 };
 
+// One sequence: its query and key token ranges and the causal shift Lk - Lq.
+struct Seq {
+  int64_t q_start, q_len, k_start, k_len;
+  // Keys [0, visible_keys(i)) are visible to local query i (all of them without a causal mask).
+  int64_t visible_keys(int64_t i, bool causal) const {
+    return causal ? std::clamp<int64_t>(i + 1 + k_len - q_len, 0, k_len) : k_len;
+  }
+};
+
+template <typename T>
+Seq sequence(const View<T>& w, int64_t b) {
+  return {w.cu_q[b], w.cu_q[b + 1] - w.cu_q[b], w.cu_k[b], w.cu_k[b + 1] - w.cu_k[b]};
+}
+
 // Logits s[nq, nk] (already scaled by the GEMM) += the bias of head h.
 template <typename T>
 void add_bias(const View<T>& w, T* s, int64_t tq0, int64_t nq, int64_t tk0, int64_t nk, int64_t h) {
@@ -96,6 +119,17 @@ void add_bias(const View<T>& w, T* s, int64_t tq0, int64_t nq, int64_t tk0, int6
       const int64_t e = w.bias_entry(tq0 + i, tk0 + j);
       if (e >= 0) row[j] += w.table[e * w.H + h];
     }
+  }
+}
+
+// Causal mask of the block (local queries q0.., keys k0..): logits of keys a query cannot see
+// become -inf. Only blocks crossing the diagonal have any.
+template <typename T>
+void mask_causal(const Seq& sq, T* s, int64_t q0, int64_t nq, int64_t k0, int64_t nk) {
+  for (int64_t i = 0; i < nq; ++i) {
+    const int64_t visible = sq.visible_keys(q0 + i, true) - k0;
+    if (visible < nk) std::fill(s + i * nk + std::max<int64_t>(visible, 0), s + (i + 1) * nk,
+                                -std::numeric_limits<T>::infinity());
   }
 }
 
@@ -154,28 +188,46 @@ void for_each_item(int64_t count, int64_t threads, int64_t work_size, const F& w
 }
 
 struct Item {
-  int64_t seq, start, len, first, head, cost;
+  int64_t seq, first, head, cost;  // first: the first query row (forward) of the item
 };
 
-// (sequence, head, row block) items, the costliest first.
-std::vector<Item> work_items(const int32_t* cu, int64_t B, int64_t H, int64_t block) {
+// Forward items: (sequence, query head, query block), the costliest first.
+template <typename T>
+std::vector<Item> forward_items(const View<T>& w, int64_t B, int64_t block) {
   std::vector<Item> items;
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t start = cu[b], len = cu[b + 1] - cu[b];
-    for (int64_t first = 0; first < len; first += block)
-      for (int64_t h = 0; h < H; ++h)
-        items.push_back({b, start, len, first, h, std::min(block, len - first) * len});
+    const Seq sq = sequence(w, b);
+    for (int64_t first = 0; first < sq.q_len; first += block) {
+      const int64_t nq = std::min(block, sq.q_len - first);
+      const int64_t keys = sq.visible_keys(first + nq - 1, w.causal);  // the block's last row sees the most
+      // a block that sees no key still gets an item: it writes its zero rows
+      for (int64_t h = 0; h < w.H; ++h) items.push_back({b, first, h, nq * std::max<int64_t>(keys, 1)});
+    }
   }
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
   return items;
 }
 
-// Key block for a sequence of len tokens: the fewest blocks of at most max_block keys, evened
+// Backward items: (sequence, key/value head), the costliest first; sequences without a
+// visible (query, key) pair have nothing to do.
+template <typename T>
+std::vector<Item> backward_items(const View<T>& w, int64_t B) {
+  std::vector<Item> items;
+  for (int64_t b = 0; b < B; ++b) {
+    const Seq sq = sequence(w, b);
+    if (sq.q_len == 0 || sq.visible_keys(sq.q_len - 1, w.causal) == 0) continue;
+    for (int64_t hk = 0; hk < w.H / w.G; ++hk) items.push_back({b, 0, hk, w.G * sq.q_len * sq.k_len});
+  }
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  return items;
+}
+
+// Key block for a sequence of len keys: the fewest blocks of at most max_block keys, evened
 // out (a 257-token image is one block of 257, not 256 + 1), so most sequences need no
 // online rescaling at all.
 int64_t key_block(int64_t len, int64_t max_block) {
   const int64_t blocks = std::max<int64_t>(1, (len + max_block - 1) / max_block);
-  return (len + blocks - 1) / blocks;
+  return std::max<int64_t>(1, (len + blocks - 1) / blocks);
 }
 
 int64_t total_cost(const std::vector<Item>& items) {
@@ -187,95 +239,124 @@ int64_t total_cost(const std::vector<Item>& items) {
 template <typename T>
 void forward_impl(const Args& args, at::Tensor& out_t, at::Tensor& lse_t) {
   const View<T> w(args);
-  const int64_t BQ = args.block_q, BK = args.block_k, Dh = w.Dh, ld = w.ld;
+  const int64_t BQ = args.block_q, BK = args.block_k, Dh = w.Dh, H = w.H;
+  const T inf = std::numeric_limits<T>::infinity();
   T* out = out_t.data_ptr<T>();
   T* lse = lse_t.data_ptr<T>();
-  const auto items = work_items(w.cu, args.cu_seqlens.numel() - 1, w.H, BQ);
+  const auto items = forward_items(w, args.cu_seqlens.numel() - 1, BQ);
   const int64_t threads = at::get_num_threads();
   std::vector<std::vector<T>> scratch(threads);  // per slot: s [BQ*BK], acc [BQ*Dh], m [BQ], l [BQ]
 
   for_each_item(static_cast<int64_t>(items.size()), threads, 2 * total_cost(items) * Dh, [&](int64_t index,
                                                                                              int64_t slot) {
     const Item& it = items[index];
+    const Seq sq = sequence(w, it.seq);
     auto& buf = scratch[slot];
     buf.resize(BQ * BK + BQ * Dh + 2 * BQ);
     T *s = buf.data(), *acc = s + BQ * BK, *m = acc + BQ * Dh, *l = m + BQ;
-    const int64_t nq = std::min(BQ, it.len - it.first), tq0 = it.start + it.first, h = it.head;
-    const T* qb = w.q + tq0 * ld + h * Dh;
-    const int64_t bk = key_block(it.len, BK);
+    const int64_t nq = std::min(BQ, sq.q_len - it.first), tq0 = sq.q_start + it.first, h = it.head;
+    const int64_t kv_off = (h / w.G) * Dh;
+    const T* qb = w.q + tq0 * w.ldq + h * Dh;
+    const int64_t keys = sq.visible_keys(it.first + nq - 1, w.causal);  // the last row sees the most
+    const int64_t bk = key_block(sq.k_len, BK);
     std::fill(acc, acc + nq * Dh, T(0));
-    std::fill(m, m + nq, -std::numeric_limits<T>::infinity());
+    std::fill(m, m + nq, -inf);
     std::fill(l, l + nq, T(0));
-    for (int64_t k0 = 0; k0 < it.len; k0 += bk) {
-      const int64_t nk = std::min(bk, it.len - k0), tk0 = it.start + k0;
-      gemm<T>(false, true, nq, nk, Dh, w.scale, qb, ld, w.k + tk0 * ld + h * Dh, ld, T(0), s, nk);
+    for (int64_t k0 = 0; k0 < keys; k0 += bk) {
+      const int64_t nk = std::min(bk, keys - k0), tk0 = sq.k_start + k0;
+      gemm<T>(false, true, nq, nk, Dh, w.scale, qb, w.ldq, w.k + tk0 * w.ldk + kv_off, w.ldk, T(0), s, nk);
       if (w.table) add_bias(w, s, tq0, nq, tk0, nk, h);
+      if (w.causal) mask_causal(sq, s, it.first, nq, k0, nk);
       for (int64_t i = 0; i < nq; ++i) {
         T* row = s + i * nk;
         const T m_new = std::max(m[i], row_max(row, nk));
+        if (m_new == -inf) {  // nothing visible to this row yet: it adds nothing
+          std::fill(row, row + nk, T(0));
+          continue;
+        }
         const T sum = exp_shifted(row, nk, m_new);
-        const T rescale = std::exp(m[i] - m_new);  // 0 on the first block (m = -inf)
-        if (k0 > 0) scale_row(acc + i * Dh, Dh, rescale);
+        const T rescale = std::exp(m[i] - m_new);  // 0 on the row's first block (m = -inf)
+        if (l[i] > T(0)) scale_row(acc + i * Dh, Dh, rescale);
         l[i] = l[i] * rescale + sum;
         m[i] = m_new;
       }
-      gemm<T>(false, false, nq, Dh, nk, T(1), s, nk, w.v + tk0 * ld + h * Dh, ld, T(1), acc, Dh);
+      gemm<T>(false, false, nq, Dh, nk, T(1), s, nk, w.v + tk0 * w.ldk + kv_off, w.ldk, T(1), acc, Dh);
     }
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t t = tq0 + i;
-      at::vec::map([inv = Vectorized<T>(T(1) / l[i])](Vectorized<T> x) { return x * inv; },
-                   out + t * ld + h * Dh, acc + i * Dh, Dh);
-      lse[t * w.H + h] = m[i] + std::log(l[i]);
+      T* row = out + t * w.ldq + h * Dh;
+      if (l[i] == T(0)) {  // sees no key: outputs 0, lse -inf
+        std::fill(row, row + Dh, T(0));
+        lse[t * H + h] = -inf;
+        continue;
+      }
+      at::vec::map([inv = Vectorized<T>(T(1) / l[i])](Vectorized<T> x) { return x * inv; }, row, acc + i * Dh, Dh);
+      lse[t * H + h] = m[i] + std::log(l[i]);
     }
   });
 }
 
 template <typename T>
 void backward_impl(const Args& args, const at::Tensor& out_t, const at::Tensor& lse_t, const at::Tensor& dout_t,
-                   Grads& g) {
+                   const at::Tensor& dlse_t, Grads& g) {
   const View<T> w(args);
-  const int64_t BQ = args.block_q, BK = args.block_k, Dh = w.Dh, ld = w.ld, H = w.H;
+  const int64_t BQ = args.block_q, BK = args.block_k, Dh = w.Dh, H = w.H;
+  const T inf = std::numeric_limits<T>::infinity();
   const T *out = out_t.data_ptr<T>(), *lse = lse_t.data_ptr<T>(), *dout = dout_t.data_ptr<T>();
+  const T* dlse = dlse_t.defined() ? dlse_t.data_ptr<T>() : nullptr;
   T *dq = g.dq.data_ptr<T>(), *dk = g.dk.data_ptr<T>(), *dv = g.dv.data_ptr<T>();
   const bool want_dbias = w.table && g.dtable.defined();
-  // One (sequence, head) per item: the item then owns its rows of dq, dk and dv.
-  const auto items = work_items(w.cu, args.cu_seqlens.numel() - 1, H, std::numeric_limits<int64_t>::max());
+  const auto items = backward_items(w, args.cu_seqlens.numel() - 1);
   const int64_t threads = at::get_num_threads();
   const int64_t table_size = want_dbias ? g.dtable.numel() : 0;
   std::vector<std::vector<T>> dtables(threads, std::vector<T>(table_size, T(0)));
-  std::vector<std::vector<T>> scratch(threads);  // per slot: p, ds [BQ*BK], delta [len]
+  std::vector<std::vector<T>> scratch(threads);  // per slot: p, ds [BQ*BK], delta [Lq]
 
   for_each_item(static_cast<int64_t>(items.size()), threads, 5 * total_cost(items) * Dh, [&](int64_t index,
                                                                                              int64_t slot) {
     const Item& it = items[index];
-    const int64_t h = it.head, off = h * Dh;
+    const Seq sq = sequence(w, it.seq);
     auto& buf = scratch[slot];
-    buf.resize(2 * BQ * BK + it.len);
+    buf.resize(2 * BQ * BK + sq.q_len);
     T *p = buf.data(), *ds = p + BQ * BK, *delta = ds + BQ * BK;
-    for (int64_t i = 0; i < it.len; ++i) {
-      const int64_t r = (it.start + i) * ld + off;
-      delta[i] = at::vec::map2_reduce_all<T>([](Vectorized<T> a, Vectorized<T> b) { return a * b; },
-                                             [](Vectorized<T> a, Vectorized<T> b) { return a + b; },
-                                             dout + r, out + r, Dh);
-    }
-    const int64_t bk = key_block(it.len, BK);
-    for (int64_t k0 = 0; k0 < it.len; k0 += bk) {
-      const int64_t nk = std::min(bk, it.len - k0), tk0 = it.start + k0, rk = tk0 * ld + off;
-      for (int64_t q0 = 0; q0 < it.len; q0 += BQ) {
-        const int64_t nq = std::min(BQ, it.len - q0), tq0 = it.start + q0, rq = tq0 * ld + off;
-        gemm<T>(false, true, nq, nk, Dh, w.scale, w.q + rq, ld, w.k + rk, ld, T(0), p, nk);
-        if (w.table) add_bias(w, p, tq0, nq, tk0, nk, h);
-        for (int64_t i = 0; i < nq; ++i) exp_shifted(p + i * nk, nk, lse[(tq0 + i) * H + h]);
-        gemm<T>(true, false, nk, Dh, nq, T(1), p, nk, dout + rq, ld, T(1), dv + rk, ld);
-        gemm<T>(false, true, nq, nk, Dh, T(1), dout + rq, ld, w.v + rk, ld, T(0), ds, nk);
-        for (int64_t i = 0; i < nq; ++i) {
-          const Vectorized<T> d(delta[q0 + i]);
-          at::vec::map2([d](Vectorized<T> pv, Vectorized<T> dp) { return pv * (dp - d); }, ds + i * nk,
-                        p + i * nk, ds + i * nk, nk);
+    const int64_t bk = key_block(sq.k_len, BK), kv_off = it.head * Dh;
+    for (int64_t h = it.head * w.G; h < (it.head + 1) * w.G; ++h) {
+      const int64_t off = h * Dh;
+      // delta_i = rowsum(dO * O) - dlse_i: the softmax backward's per-row shift.
+      for (int64_t i = 0; i < sq.q_len; ++i) {
+        const int64_t t = sq.q_start + i, r = t * w.ldq + off;
+        delta[i] = at::vec::map2_reduce_all<T>([](Vectorized<T> a, Vectorized<T> b) { return a * b; },
+                                               [](Vectorized<T> a, Vectorized<T> b) { return a + b; },
+                                               dout + r, out + r, Dh);
+        if (dlse) delta[i] -= dlse[t * H + h];
+      }
+      for (int64_t k0 = 0; k0 < sq.k_len; k0 += bk) {
+        const int64_t nk = std::min(bk, sq.k_len - k0), tk0 = sq.k_start + k0, rk = tk0 * w.ldk + kv_off;
+        for (int64_t q0 = 0; q0 < sq.q_len; q0 += BQ) {
+          const int64_t nq = std::min(BQ, sq.q_len - q0), tq0 = sq.q_start + q0, rq = tq0 * w.ldq + off;
+          if (sq.visible_keys(q0 + nq - 1, w.causal) <= k0) continue;  // the block sees none of these keys
+          gemm<T>(false, true, nq, nk, Dh, w.scale, w.q + rq, w.ldq, w.k + rk, w.ldk, T(0), p, nk);
+          if (w.table) add_bias(w, p, tq0, nq, tk0, nk, h);
+          if (w.causal) mask_causal(sq, p, q0, nq, k0, nk);
+          for (int64_t i = 0; i < nq; ++i) {
+            const T row_lse = lse[(tq0 + i) * H + h];
+            if (row_lse == -inf) {
+              std::fill(p + i * nk, p + (i + 1) * nk, T(0));  // a row that sees no key has P = 0
+            } else {
+              exp_shifted(p + i * nk, nk, row_lse);
+            }
+          }
+          gemm<T>(true, false, nk, Dh, nq, T(1), p, nk, dout + rq, w.ldq, T(1), dv + rk, w.ldk);
+          gemm<T>(false, true, nq, nk, Dh, T(1), dout + rq, w.ldq, w.v + rk, w.ldk, T(0), ds, nk);
+          for (int64_t i = 0; i < nq; ++i) {
+            const Vectorized<T> d(delta[q0 + i]);
+            at::vec::map2([d](Vectorized<T> pv, Vectorized<T> dp) { return pv * (dp - d); }, ds + i * nk,
+                          p + i * nk, ds + i * nk, nk);
+          }
+          gemm<T>(false, false, nq, Dh, nk, w.scale, ds, nk, w.k + rk, w.ldk, T(1), dq + rq, w.ldq);
+          gemm<T>(true, false, nk, Dh, nq, w.scale, ds, nk, w.q + rq, w.ldq, T(1), dk + rk, w.ldk);
+          if (want_dbias) accumulate_dbias(w, ds, dtables[slot].data(), tq0, nq, tk0, nk, h);
         }
-        gemm<T>(false, false, nq, Dh, nk, w.scale, ds, nk, w.k + rk, ld, T(1), dq + rq, ld);
-        gemm<T>(true, false, nk, Dh, nq, w.scale, ds, nk, w.q + rq, ld, T(1), dk + rk, ld);
-        if (want_dbias) accumulate_dbias(w, ds, dtables[slot].data(), tq0, nq, tk0, nk, h);
       }
     }
   });
@@ -297,11 +378,11 @@ void forward(const Args& args, at::Tensor& out, at::Tensor& lse) {
 }
 
 void backward(const Args& args, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dout,
-              Grads& grads) {
+              const at::Tensor& dlse, Grads& grads) {
   if (args.q.scalar_type() == at::kDouble) {
-    backward_impl<double>(args, out, lse, dout, grads);
+    backward_impl<double>(args, out, lse, dout, dlse, grads);
   } else {
-    backward_impl<float>(args, out, lse, dout, grads);
+    backward_impl<float>(args, out, lse, dout, dlse, grads);
   }
 }
 

@@ -1,7 +1,9 @@
 """The native CPU varlen attention (``csrc/varlen_attention*.cpp``) against the float64
 reference: the kernel contract of ARCHITECTURE.md.
 
-Every case checks the output and all four gradients (dq, dk, dv, d bias_table). In float64
+Every case checks the output and all four gradients (dq, dk, dv, d bias_table); the modes
+(causal, cross-attention, grouped-query heads, a returned and differentiated lse) are checked
+the same way, alone and combined. In float64
 the kernel must match the reference to rounding; in float32 its error ||x - ref|| / ||ref||
 against float64 must be at most twice that of the torch reference run in float32, plus a tiny
 floor, and under 1e-5. The forward writes into NaN-poisoned buffers, so an element it does not
@@ -87,7 +89,8 @@ def test_forward_writes_every_element():
     out = torch.full_like(pack["q"], float("nan"))
     lse = torch.full((T, H), float("nan"))
     torch.ops.omni_native.varlen_attention_fwd(pack["q"], pack["k"], pack["v"], pack["cu"], 0.125, pack["table"],
-                                               pack["lut"], pack["modality"], pack["position"], out, lse)
+                                               pack["lut"], pack["modality"], pack["position"], out_buf=out,
+                                               lse_buf=lse)
     ref = varlen_attention_reference(*(pack[n].double() for n in "qkv"), pack["cu"], pack["max_seqlen"], 0.125,
                                      pack["table"].double(), pack["lut"], pack["modality"], pack["position"])
     assert rel_err(out, ref) < CAP
@@ -118,21 +121,102 @@ def test_dispatch_picks_native_on_cpu(monkeypatch):
     assert (name, impl) == ("native", native_attention.native_varlen_attention)
 
 
-def test_other_modes_run_the_reference(monkeypatch):
-    """The native kernel implements plain self-attention only: a causal call goes to the
-    reference automatically, and is an error when the native backend is forced."""
-    monkeypatch.delenv("OMNI_BACKEND", raising=False)
-    pack = make_pack([6, 11], 2, 16, None, seed=4)
+# name: (query lengths, key lengths or None for self-attention, H, Hk, Dh, causal, bias kind).
+# Causal with more queries than keys leaves the first rows without a key (output 0, lse
+# -inf); empty key sequences do the same for cross-attention.
+MODE_CASES = {
+    "causal_bias": ([1, 2, 61, 0, 67, 37], None, 2, 2, 64, True, "joint"),
+    "causal_long": ([1031, 3], None, 1, 1, 32, True, None),  # several key and query blocks
+    "gqa": ([5, 97, 1, 64], None, 6, 2, 24, False, "single"),
+    "mqa_causal": ([13, 29, 1], None, 4, 1, 16, True, None),
+    "cross": ([5, 0, 9, 3, 70], [7, 4, 0, 3, 600], 2, 2, 16, False, None),
+    "cross_causal_gqa": ([9, 20, 3, 1], [4, 25, 0, 1], 4, 2, 8, True, None),
+}
+
+
+def run_mode(fn, pack: dict, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Output, lse and the gradients of q, k, v (and the table) of a loss that uses both the
+    output and the lse, in ``dtype``."""
+    q, k, v = (pack[n].to(dtype, copy=True).requires_grad_() for n in "qkv")
+    table = pack["table"]
+    if table is not None:
+        table = table.to(dtype, copy=True).requires_grad_()
+    out, lse = fn(q, k, v, pack["cu"], pack["max_seqlen"], None, table, pack["lut"], pack["modality"],
+                  pack["position"], causal=pack["causal"], cu_seqlens_k=pack["cu_k"], max_seqlen_k=pack["max_k"],
+                  return_lse=True)
+    seen = torch.isfinite(lse)  # rows that see no key have lse -inf and no gradient through it
+    loss = (out * pack["dout"].to(dtype)).sum() + (torch.where(seen, lse, 0) * pack["dlse"].to(lse.dtype)).sum()
+    loss.backward()
+    grads = [q.grad, k.grad, v.grad] + ([table.grad] if table is not None else [])
+    return [t.detach() for t in [out, torch.where(seen, lse, 0), *grads]]
+
+
+def make_mode_pack(lengths, key_lengths, H, Hk, D, causal, bias, seed):
+    pack = make_pack(lengths, H, D, bias, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    if key_lengths is None:
+        pack.update(cu_k=None, max_k=None)
+        pack["k"], pack["v"] = pack["k"][:, :Hk].contiguous(), pack["v"][:, :Hk].contiguous()
+    else:
+        Tk = sum(key_lengths)
+        pack.update(k=torch.randn(Tk, Hk, D, generator=g), v=torch.randn(Tk, Hk, D, generator=g),
+                    cu_k=torch.tensor([0, *torch.tensor(key_lengths).cumsum(0).tolist()], dtype=torch.int32),
+                    max_k=max(key_lengths))
+    pack.update(causal=causal, dlse=torch.randn(H, sum(lengths), generator=g))
+    return pack
+
+
+@pytest.mark.parametrize("case", sorted(MODE_CASES))
+def test_modes_match_float64_reference(case):
+    pack = make_mode_pack(*MODE_CASES[case], seed=zlib.crc32(case.encode()))
+    ref = run_mode(varlen_attention_reference, pack, torch.float64)
+    names = ["out", "lse", "dq", "dk", "dv", "dtable"]
+    for name, x, r in zip(names, run_mode(native_attention.native_varlen_attention, pack, torch.float64), ref):
+        assert rel_err(x, r, pack["dout"]) < 1e-12, f"{case} float64 {name}: {rel_err(x, r, pack['dout']):.2e}"
+    torch32 = run_mode(varlen_attention_reference, pack, torch.float32)
+    native32 = run_mode(native_attention.native_varlen_attention, pack, torch.float32)
+    for name, x, t, r in zip(names, native32, torch32, ref):
+        bound = min(2 * rel_err(t, r, pack["dout"]) + FLOOR, CAP) if r.norm() > 0 else CAP
+        assert rel_err(x, r, pack["dout"]) <= bound, f"{case} float32 {name}: {rel_err(x, r):.2e} > {bound:.2e}"
+
+
+def test_rows_without_keys_are_zero_with_lse_minus_inf():
+    """Poisoned buffers: a causal row before the first key and a query of an empty key
+    sequence are written too (0, lse -inf), and their gradients are 0, not NaN."""
+    q, k, v = torch.randn(6, 2, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    cu, cu_k = torch.tensor([0, 4, 6], dtype=torch.int32), torch.tensor([0, 3, 3], dtype=torch.int32)
+    out, lse = torch.full_like(q, float("nan")), torch.full((6, 2), float("nan"))
+    torch.ops.omni_native.varlen_attention_fwd(q, k, v, cu, 0.3, None, None, None, None, cu_seqlens_k=cu_k,
+                                               causal=True, out_buf=out, lse_buf=lse)
+    # sequence 0: 4 queries, 3 keys, bottom-right: query 0 sees none; sequence 1 has no keys
+    assert out[[0, 4, 5]].eq(0).all() and lse[[0, 4, 5]].eq(float("-inf")).all()
+    assert out[1:4].ne(0).all() and lse[1:4].isfinite().all()
+    qg = q.clone().requires_grad_()
+    got = native_attention.native_varlen_attention(qg, k, v, cu, 4, 0.3, causal=True, cu_seqlens_k=cu_k,
+                                                   max_seqlen_k=3)
+    got.sum().backward()
+    assert qg.grad.isfinite().all() and qg.grad[[0, 4, 5]].eq(0).all()
+
+
+def test_dispatch_runs_every_mode_natively(monkeypatch):
+    """Causal, cross-attention, GQA and lse calls on CPU run the native kernel, by default and
+    when it is forced."""
+    pack = make_mode_pack([6, 11], [4, 9], 4, 2, 16, True, None, seed=4)
     calls = []
-    monkeypatch.setattr(native_attention._NativeVarlenAttention, "apply",
-                        lambda *a: calls.append(a) or pytest.fail("native ran a causal call"))
-    out = varlen_attention(pack["q"], pack["k"], pack["v"], pack["cu"], 11, causal=True)
-    want = varlen_attention_reference(pack["q"], pack["k"], pack["v"], pack["cu"], 11, causal=True)
-    torch.testing.assert_close(out, want)
-    monkeypatch.setenv("OMNI_BACKEND", "native")
-    with pytest.raises(dispatch.BackendUnavailable, match="causal"):
-        varlen_attention(pack["q"], pack["k"], pack["v"], pack["cu"], 11, causal=True)
-    assert not calls
+    apply = native_attention._NativeVarlenAttention.apply
+    monkeypatch.setattr(native_attention._NativeVarlenAttention, "apply", lambda *a: calls.append(a) or apply(*a))
+    for forced in (None, "native"):
+        if forced:
+            monkeypatch.setenv("OMNI_BACKEND", forced)
+        else:
+            monkeypatch.delenv("OMNI_BACKEND", raising=False)
+        out, lse = varlen_attention(pack["q"], pack["k"], pack["v"], pack["cu"], 11, causal=True,
+                                    cu_seqlens_k=pack["cu_k"], max_seqlen_k=9, return_lse=True)
+        want = varlen_attention_reference(pack["q"], pack["k"], pack["v"], pack["cu"], 11, causal=True,
+                                          cu_seqlens_k=pack["cu_k"], max_seqlen_k=9, return_lse=True)
+        torch.testing.assert_close(out, want[0])
+        torch.testing.assert_close(lse, want[1])
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -143,16 +227,21 @@ def test_other_modes_run_the_reference(monkeypatch):
     ({"position": torch.tensor([0, 1, 9, 0, 1], dtype=torch.int32)}, "positions"),
     ({"modality": torch.tensor([0, 0, 7, 0, 0])}, "modality"),
     ({"table": torch.randn(4, 3)}, "bias_table"),
+    ({"k": torch.randn(5, 3, 8), "v": torch.randn(5, 3, 8)}, "must divide"),
+    ({"cu_k": torch.tensor([0, 5], dtype=torch.int32), "table": None}, "cu_seqlens_k must have"),
+    ({"cu_k": torch.tensor([0, 3, 4], dtype=torch.int32), "table": None}, "cu_seqlens_k must run from 0"),
+    ({"cu_k": torch.tensor([0, 3, 5], dtype=torch.int32)}, "self-attention"),
 ])
 def test_bad_input_is_rejected_before_running(bad, match):
     args = {"q": torch.randn(5, 2, 8), "k": torch.randn(5, 2, 8), "v": torch.randn(5, 2, 8),
             "cu": torch.tensor([0, 2, 5], dtype=torch.int32), "table": torch.randn(4, 2),
             "lut": torch.zeros(2, 3, 3, dtype=torch.int32), "modality": torch.tensor([0, 0, 1, 1, 1]),
-            "position": torch.tensor([0, 1, 0, 1, 2], dtype=torch.int32)}
+            "position": torch.tensor([0, 1, 0, 1, 2], dtype=torch.int32), "cu_k": None}
     args.update(bad)
+    bias = [args[n] if args["table"] is not None else None for n in ("table", "lut", "modality", "position")]
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.omni_native.varlen_attention_fwd(args["q"], args["k"], args["v"], args["cu"], 1.0, args["table"],
-                                                   args["lut"], args["modality"], args["position"])
+        torch.ops.omni_native.varlen_attention_fwd(args["q"], args["k"], args["v"], args["cu"], 1.0, *bias,
+                                                   cu_seqlens_k=args["cu_k"])
 
 
 AVX2_CHECK = """
