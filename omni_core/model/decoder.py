@@ -73,7 +73,8 @@ class MaskedDecoder(nn.Module):
         for m, proj in enumerate(self.embed_in):
             sel = (kept_mod == m).nonzero().flatten()
             if sel.numel():
-                embedded[sel] = proj(encoded[rows[sel]])
+                # .to: under autocast the projection comes out in bf16, the stream stays fp32
+                embedded[sel] = proj(encoded[rows[sel]]).to(embedded.dtype)
         pos_index = self.position_offset[modality.long()] + position.long()
         tokens = self.mask_token[modality.long()].index_copy(0, dst, embedded)
         x = tokens + self.positions[pos_index]
@@ -86,7 +87,7 @@ class MaskedDecoder(nn.Module):
         for m, head in enumerate(self.heads):
             sel = (mod == m).nonzero().flatten()
             if sel.numel():
-                out[sel] = head(x[sel])
+                out[sel] = head(x[sel]).to(out.dtype)
         return out, mod, masked
 
     def _layout(self, encoded: torch.Tensor, sequences: list[list[DecoderSegment]]):
