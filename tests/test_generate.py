@@ -5,6 +5,7 @@ KV cache and by recomputing the prefix (the searches must agree)."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -13,6 +14,11 @@ import torch
 from omni_core.generate import beam_search, generate, greedy, length_penalty
 
 BOS, EOS = 0, 1
+
+
+def fresh_seed() -> int:
+    """New random decoder weights every run (conftest seeds torch's generator with 0)."""
+    return int.from_bytes(os.urandom(4), "little")
 
 
 class TableDecoder:
@@ -147,33 +153,33 @@ class TinyTransformer:
         return _Prefix(state.rows[rows], state.tokens[rows])
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("run", range(3))
 @pytest.mark.parametrize("beam,alpha", [(1, 0.0), (3, 1.0), (4, 0.6)])
-def test_cached_equals_recomputed(seed: int, beam: int, alpha: float) -> None:
-    seed = seed + int(torch.randint(0, 10**6, ()).item())  # fresh inputs each run
+def test_cached_equals_recomputed(run: int, beam: int, alpha: float) -> None:
+    seed = fresh_seed()
     rows = torch.tensor([0, 3, 1, 2, 3])
     runs = []
     for use_cache in (True, False):
         dec = TinyTransformer(vocab=11, dim=16, samples=4, use_cache=use_cache, seed=seed)
         runs.append(beam_search(dec, rows, max_len=12, beam=beam, alpha=alpha, n_best=beam))
     for cached, recomputed in zip(*runs):
-        assert [h.tokens for h in cached] == [h.tokens for h in recomputed]
+        assert [h.tokens for h in cached] == [h.tokens for h in recomputed], f"seed {seed}"
         assert [h.score for h in cached] == pytest.approx([h.score for h in recomputed], rel=1e-10)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_beam_one_equals_greedy(seed: int) -> None:
-    seed = seed + int(torch.randint(0, 10**6, ()).item())
+@pytest.mark.parametrize("run", range(2))
+def test_beam_one_equals_greedy(run: int) -> None:
+    seed = fresh_seed()
     dec = TinyTransformer(vocab=9, dim=12, samples=3, use_cache=True, seed=seed)
     rows = torch.tensor([0, 1, 2, 2])
     g = greedy(dec, rows, max_len=10)
     b = beam_search(dec, rows, max_len=10, beam=1, alpha=0.0)
-    assert [h.tokens for h in g] == [hyps[0].tokens for hyps in b]
+    assert [h.tokens for h in g] == [hyps[0].tokens for hyps in b], f"seed {seed}"
     assert [h.logprob for h in g] == pytest.approx([hyps[0].logprob for hyps in b])
 
 
 def test_beam_is_at_least_as_likely_as_greedy() -> None:
-    dec = TinyTransformer(vocab=9, dim=12, samples=3, use_cache=True, seed=int(torch.randint(0, 10**6, ())))
+    dec = TinyTransformer(vocab=9, dim=12, samples=3, use_cache=True, seed=fresh_seed())
     rows = torch.tensor([0, 1, 2])
     g = greedy(dec, rows, max_len=8)
     b = beam_search(dec, rows, max_len=8, beam=5, alpha=0.0)
