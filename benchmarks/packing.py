@@ -7,10 +7,17 @@ and one decoder pass; the padded step is the released trainer's passes (stage 1:
 passes and three decoder passes; stage 2: five and two), each padded to its longest member.
 ``flop_ratio`` is the padded step's FLOPs over the packed step's (encoder + decoder, backward
 counted as twice the forward): the bound on what packing can gain. ``gflops`` counts the
-packed step's useful FLOPs per second; ``gemm_peak_gflops`` is fp32 matmul at the step's own
-largest GEMM shape ([tokens, D] × [D, F]) measured in the same run; ``efficiency`` is their ratio.
+packed step's useful FLOPs per second; ``gemm_peak_gflops`` is matmul in the step's precision
+at the step's own largest GEMM shape ([tokens, D] × [D, F]), measured after every repeat (the
+best of 5 calls; the median over repeats, so it sees the same machine load as the steps);
+``efficiency`` is their ratio.
 
-    omni bench packing [--json] [--repeats N]
+``--precision`` runs the steps under each precision in turn (``omni_core.precision``: ``auto``
+is bf16 autocast on a CPU with native bf16, else fp32), all alternating within each repeat; a
+bf16 row also reports ``speedup_vs_fp32``, the fp32 packed step's time over its own, when fp32
+ran too.
+
+    omni bench packing [--json] [--repeats N] [--precision fp32 auto]
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch
 
 from omni_core.data.sample import Sample
 from omni_core.model.omni import OmniConfig, OmniModel
+from omni_core.precision import PRECISIONS, Precision, resolve_precision
 from omni_core.recipes.one_peace import OnePeaceRecipe, full_length
 from omni_core.recipes.one_peace_padded import padded_forward
 
@@ -89,17 +97,18 @@ def packed_forward(recipe, model, samples, masks):
     return recipe.forward(model, samples, masks)
 
 
-def run_once(forward, model, recipe, samples, masks) -> float:
+def run_once(forward, model, recipe, samples, masks, precision: Precision | None = None) -> float:
     model.zero_grad(set_to_none=True)
     start = time.perf_counter()
-    loss, _ = recipe.loss(model, forward(recipe, model, samples, masks), samples, masks)
+    with (precision or resolve_precision("fp32")).autocast("cpu"):
+        loss, _ = recipe.loss(model, forward(recipe, model, samples, masks), samples, masks)
     loss.backward()
     return time.perf_counter() - start
 
 
-def gemm_peak(tokens: int, cfg: OmniConfig, repeats: int = 5) -> float:
-    """fp32 GFLOP/s of the step's largest GEMM shape on this machine, now."""
-    a, b = torch.randn(tokens, cfg.dim), torch.randn(cfg.dim, cfg.ffn_hidden)
+def gemm_peak(tokens: int, cfg: OmniConfig, dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:
+    """GFLOP/s of the step's largest GEMM shape in ``dtype`` on this machine, now."""
+    a, b = torch.randn(tokens, cfg.dim, dtype=dtype), torch.randn(cfg.dim, cfg.ffn_hidden, dtype=dtype)
     torch.mm(a, b)
     best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
     return 2 * tokens * cfg.dim * cfg.ffn_hidden / best / 1e9
@@ -111,38 +120,55 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def run_mix(name: str, repeats: int, pairs: int | None = None) -> dict:
+FORWARDS = {"packed": packed_forward, "padded": padded_forward}
+
+
+def run_mix(name: str, repeats: int, pairs: int | None = None, precisions: tuple[str, ...] = ("fp32",)) -> list[dict]:
+    """One row per precision (names resolving to the same precision run once)."""
     torch.manual_seed(0)
     model, recipe, samples, masks = make_mix(name, pairs=pairs)
     model.train()
     passes = step_layouts(model, recipe, samples, masks)
-    for forward in (packed_forward, padded_forward):  # warm-up: allocators and caches
-        run_once(forward, model, recipe, samples, masks)
-    packed, padded = [], []
-    for _ in range(repeats):  # alternate, so load drifts hit both alike
-        packed.append(run_once(packed_forward, model, recipe, samples, masks))
-        padded.append(run_once(padded_forward, model, recipe, samples, masks))
-    packed_s, padded_s = statistics.median(packed), statistics.median(padded)
+    chosen = {p.name: p for p in (resolve_precision(n, "cpu") for n in precisions)}
+    encoder_tokens = max(sum(map(sum, lens)) for cfg, _, lens in passes if cfg is model.cfg)
+    times = {(p, f): [] for p in chosen for f in FORWARDS}
+    peaks: dict[str, list[float]] = {p: [] for p in chosen}
+    for prec in chosen.values():  # warm-up: allocators and caches
+        for forward in FORWARDS.values():
+            run_once(forward, model, recipe, samples, masks, prec)
+    for _ in range(repeats):  # alternate, so load drifts hit every variant alike
+        for p, prec in chosen.items():
+            for f, forward in FORWARDS.items():
+                times[p, f].append(run_once(forward, model, recipe, samples, masks, prec))
+            peaks[p].append(gemm_peak(encoder_tokens, model.cfg, prec.dtype or torch.float32))
     real_tokens = sum(sum(map(sum, lens)) * (2 if grad else 1) for _, grad, lens in passes)
     useful = step_flops(passes, padded=False)
-    encoder_tokens = max(sum(map(sum, lens)) for cfg, _, lens in passes if cfg is model.cfg)
-    peak = gemm_peak(encoder_tokens, model.cfg)
-    return {
-        "mix": name,
-        "passes_padded": len(passes),
-        "passes_packed": 3,
-        "real_tokens": real_tokens,
-        "packed_step_s": round(packed_s, 4),
-        "padded_step_s": round(padded_s, 4),
-        "packed_tokens_per_s": round(real_tokens / packed_s, 1),
-        "padded_tokens_per_s": round(real_tokens / padded_s, 1),
-        "speedup": round(padded_s / packed_s, 3),
-        "flop_ratio": round(step_flops(passes, padded=True) / useful, 3),
-        "gflops": round(useful / packed_s / 1e9, 2),
-        "gemm_peak_gflops": round(peak, 2),
-        "efficiency": round(useful / packed_s / 1e9 / peak, 3),
-        "cpu": torch.backends.cpu.get_cpu_capability(),
-    }
+    rows = []
+    for p, prec in chosen.items():
+        packed_s, padded_s = (statistics.median(times[p, f]) for f in FORWARDS)
+        peak = statistics.median(peaks[p])
+        row = {
+            "mix": name,
+            "precision": p,
+            "precision_choice": prec.description,
+            "passes_padded": len(passes),
+            "passes_packed": 3,
+            "real_tokens": real_tokens,
+            "packed_step_s": round(packed_s, 4),
+            "padded_step_s": round(padded_s, 4),
+            "packed_tokens_per_s": round(real_tokens / packed_s, 1),
+            "padded_tokens_per_s": round(real_tokens / padded_s, 1),
+            "speedup": round(padded_s / packed_s, 3),
+            "flop_ratio": round(step_flops(passes, padded=True) / useful, 3),
+            "gflops": round(useful / packed_s / 1e9, 2),
+            "gemm_peak_gflops": round(peak, 2),
+            "efficiency": round(useful / packed_s / 1e9 / peak, 3),
+            "cpu": torch.backends.cpu.get_cpu_capability(),
+        }
+        if p != "fp32" and "fp32" in chosen:
+            row["speedup_vs_fp32"] = round(statistics.median(times["fp32", "packed"]) / packed_s, 3)
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,17 +177,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per step (median)")
     parser.add_argument("--mix", choices=sorted(MIXES), action="append", help="run only these mixes")
     parser.add_argument("--pairs", type=int, help="pairs per step (default: the mix's own)")
+    parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["fp32", "auto"],
+                        help="precisions to run, alternating (default: fp32 and auto)")
     args = parser.parse_args(argv)
-    rows = [run_mix(name, args.repeats, args.pairs) for name in (args.mix or MIXES)]
+    if args.repeats < 1:
+        raise ValueError("--repeats must be positive")
+    rows = [row for name in (args.mix or MIXES)
+            for row in run_mix(name, args.repeats, args.pairs, tuple(args.precision))]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'mix':<20}{'passes':>8}{'tokens':>8}{'packed tok/s':>14}{'padded tok/s':>14}"
-          f"{'speedup':>9}{'flop ratio':>12}{'GFLOP/s':>9}{'eff.':>7}")
+    print(f"{'mix':<20}{'prec.':>6}{'passes':>8}{'tokens':>8}{'packed tok/s':>14}{'padded tok/s':>14}"
+          f"{'speedup':>9}{'flop ratio':>12}{'GFLOP/s':>9}{'peak':>7}{'eff.':>7}{'vs fp32':>9}")
     for r in rows:
-        print(f"{r['mix']:<20}{r['passes_padded']:>5}->3{r['real_tokens']:>8}{r['packed_tokens_per_s']:>14.0f}"
-              f"{r['padded_tokens_per_s']:>14.0f}{r['speedup']:>8.2f}x{r['flop_ratio']:>11.2f}x"
-              f"{r['gflops']:>9.1f}{r['efficiency']:>7.2f}")
+        vs = f"{r['speedup_vs_fp32']:>8.2f}x" if "speedup_vs_fp32" in r else f"{'':>9}"
+        print(f"{r['mix']:<20}{r['precision']:>6}{r['passes_padded']:>5}->3{r['real_tokens']:>8}"
+              f"{r['packed_tokens_per_s']:>14.0f}{r['padded_tokens_per_s']:>14.0f}{r['speedup']:>8.2f}x"
+              f"{r['flop_ratio']:>11.2f}x{r['gflops']:>9.1f}{r['gemm_peak_gflops']:>7.0f}{r['efficiency']:>7.2f}{vs}")
     return 0
 
 

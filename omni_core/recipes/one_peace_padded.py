@@ -143,7 +143,7 @@ def decoder_pass(dec: MaskedDecoder, encoded: list[list[torch.Tensor]], refs_per
     masked = torch.zeros(B, L, dtype=torch.bool, device=x.device)
     for b, refs in enumerate(refs_per_sample):
         for (m, start, _), ref, feats, n in zip(lay.slots, refs, encoded[b], lay.lengths[b]):
-            x[b, start + ref.keep] = dec.embed_in[m](feats)
+            x[b, start + ref.keep] = dec.embed_in[m](feats).to(x.dtype)  # bf16 under autocast
             hidden = torch.ones(n, dtype=torch.bool, device=x.device)
             hidden[ref.keep] = False
             hidden[0] = False
