@@ -4,7 +4,13 @@ registry and its errors."""
 
 from __future__ import annotations
 
+import csv
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -12,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from omni_core.data.sample import Sample
-from omni_core.model.opt import AUDIO, IMAGE, PRESETS, TEXT, OptModel
+from omni_core.model.opt import AUDIO, IMAGE, PRESETS, TEXT, OptModel, load_opt
 from omni_core.recipes import opt_tasks
 from omni_core.recipes.opt import OptRecipe
 from omni_core.recipes.opt_tasks import (
@@ -290,3 +296,62 @@ def test_errors_name_the_problem():
         s.image = torch.randn(3, 48, 48)
     with pytest.raises(ValueError, match=r"images must be \[N, 3, 64, 64\]"):
         OptRecipe(Tok(), None, tasks="itm").step(model, wrong, torch.Generator())
+
+
+# --------------------------------------------------------------------------- the trainer
+def _opt_cmd(data, out, vq, *extra: str) -> list[str]:
+    tasks = ["--vq", str(vq)] if vq else ["--tasks", "mlm,mrfr,mrct,mafr,mac,itm,td"]
+    return [sys.executable, "-m", "omni_core.cli", "pretrain", "--recipe", "opt", "--data", str(data), "--out",
+            str(out), "--steps", "6", "--batch-size", "4", "--ckpt-every", "2", "--warmup-steps", "2", "--seed", "1",
+            "--loader", "pil", "--precision", "fp32", "--no-progress", *tasks, *extra]
+
+
+def _metrics(run) -> list[dict]:
+    with (run / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_pretrain_opt_resumes_exactly_after_a_kill(dataset, tmp_path):
+    """``omni pretrain --recipe opt``: a column per task; a run killed after a checkpoint and
+    resumed logs the same losses as one run straight through."""
+    try:
+        from omni_core.model.vq import VQConfig, VQTokenizer
+    except ImportError:  # the image tokenizer is optional here: train the tasks without codes
+        vq = None
+    else:
+        vq = VQTokenizer(VQConfig(image_size=32, codebook_size=32)).save(tmp_path / "vq")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    subprocess.run(_opt_cmd(dataset, whole, vq), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(_opt_cmd(dataset, resumed, vq), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (resumed / "checkpoint.safetensors").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(_metrics(resumed)) < 6
+    subprocess.run(_opt_cmd(dataset, resumed, vq, "--resume"), check=True, env=env, capture_output=True)
+    a, b = _metrics(whole), _metrics(resumed)
+    expected = DEFAULT_TASKS if vq else ("mlm", "mrfr", "mrct", "mafr", "mac", "itm", "td")
+    assert [k for k in a[0] if k.startswith("loss_")] == [f"loss_{t}" for t in expected]
+    for key in a[0]:
+        if key not in ("elapsed_s", "tokens_per_s"):
+            assert [r[key] for r in a] == [r[key] for r in b], key
+    model, meta = load_opt(whole / "model.safetensors")
+    assert isinstance(model, OptModel) and meta["args"]["recipe"] == "opt"
+    assert model.cfg.codebook_size == (32 if vq else PRESETS["opt-tiny"].codebook_size)
+
+
+def test_pretrain_opt_rejects_bad_options(dataset, tmp_path):
+    from omni_core.train.trainer import TrainArgs, train
+
+    with pytest.raises(ValueError, match="unknown OPT task"):
+        train(TrainArgs(data=str(dataset), out=str(tmp_path / "a"), recipe="opt", preset="opt-tiny", steps=1,
+                        tasks="mlm,nope"))
+    with pytest.raises(ValueError, match="choose --preset from"):
+        train(TrainArgs(data=str(dataset), out=str(tmp_path / "b"), recipe="opt", preset="tiny", steps=1,
+                        tasks="mlm"))
+    with pytest.raises(FileNotFoundError, match="no VQ tokenizer"):
+        train(TrainArgs(data=str(dataset), out=str(tmp_path / "c"), recipe="opt", preset="opt-tiny", steps=1,
+                        vq=str(tmp_path / "missing")))
