@@ -59,3 +59,61 @@ def test_two_rank_fsdp_run_killed_and_resumed_on_one_rank(dataset, tmp_path):
             assert float(rb[key]) == pytest.approx(float(ra[key]), rel=2e-4, abs=1e-4), (ra["step"], key)
         assert ra["lr"] == rb["lr"] and ra["tokens"] == rb["tokens"]
     assert (two / "model.safetensors").exists()
+
+
+def stage2(data: Path, out: Path, init: Path, *extra: str) -> list[str]:
+    return [*TORCHRUN, "-m", "omni_core.cli", "pretrain", "--data", str(data), "--out", str(out), "--recipe",
+            "one-peace", "--stage", "2", "--init", str(init), "--dist", "fsdp", "--stream", "--eval-every", "1e-9",
+            "--steps", "4", "--batch-size", "2", "--ckpt-every", "2", "--warmup-steps", "1", "--seed", "3",
+            "--loader", "pil", "--precision", "fp32", "--no-progress", *extra]
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+
+
+def test_streamed_fsdp_stage2_with_eval_resumes_exactly(dataset, tmp_path):
+    """ONE-PEACE stage 2 (frozen rows) under FSDP2 on 2 ranks, streaming each rank's shards, evaluating
+    every step: resumed from its step-2 checkpoint (each rank's stream position), the run continues
+    with the same losses and ends with the same weights; the frozen rows keep the --init run's values."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from omni_core.model.omni import AUDIO, OmniModel
+    from omni_core.train.checkpoint import save_checkpoint
+
+    init, full, resumed = tmp_path / "init", tmp_path / "full", tmp_path / "resumed"
+    init.mkdir()
+    torch.manual_seed(5)  # other weights than the run's own seed would build
+    model = OmniModel.from_preset("tiny")
+    save_checkpoint(init / "model.safetensors", model, None, {"config": model.config_dict()})
+
+    run = subprocess.run(stage2(dataset, full, init), env=ENV, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    shutil.copytree(full, resumed)  # as if killed right after its step-2 checkpoint
+    kept = sorted(p.name for p in (resumed / "dcp").glob("step-*"))
+    assert len(kept) == 2  # steps 2 and 4
+    (resumed / "dcp" / "latest").write_text(kept[0])
+    (resumed / "model.safetensors").unlink()
+    run = subprocess.run(stage2(dataset, resumed, init, "--resume"), env=ENV, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    a, b = curve(full), curve(resumed)
+    assert [r["step"] for r in b] == ["1", "2", "3", "4"] == [r["step"] for r in a]
+    for ra, rb in zip(a[2:], b[2:]):
+        for key in ("loss", "atc", "dcl_audio", "logit_scale", "tokens"):
+            assert float(rb[key]) == pytest.approx(float(ra[key]), rel=1e-5), (ra["step"], key)
+    with (full / "eval_curve.csv").open() as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["0", "1", "2", "3", "4"]  # rank 0 writes, once a step
+
+    start = model.state_dict()
+    final_full, final_resumed = (load_file(str(run / "model.safetensors")) for run in (full, resumed))
+    for key, value in final_full.items():
+        if key.startswith("model/"):
+            assert torch.allclose(final_resumed[key], value, rtol=1e-5, atol=1e-7), key
+    for key in ("blocks.0.ffn.w_in", "blocks.3.ffn.b_out", "final_norm.weight"):
+        after = final_resumed[f"model/{key}"]
+        rows = [m for m in range(after.shape[0]) if m != AUDIO]
+        assert torch.equal(after[rows], start[key][rows]), key  # frozen: the init run's values
+        assert not torch.equal(after[AUDIO], start[key][AUDIO]), key
