@@ -36,7 +36,7 @@ setup(
     version="0.1.0",
     description="Compiled-kernel engine for omni-modal (image + audio + text) representation models",
     packages=find_packages(include=["omni_core", "omni_core.*"])
-    + ["omni_core.kernels", "omni_core.kernels.routed_ffn"],
+    + ["omni_core.kernels", "omni_core.kernels.routed_ffn", "omni_core.kernels.varlen_attention"],
     package_dir={"omni_core.kernels": "kernels"},
     ext_modules=[native_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

@@ -24,7 +24,7 @@ How it works
   weight 0 in the merge; a row with no key at all outputs 0 and lse -inf.
 * **Precision.** fp16/bf16 dots accumulate in fp32; partial outputs are fp32; fp32 inputs
   use IEEE dots. Interpreter quirks (bf16 dot, bf16 rounding) are handled as in
-  ``varlen_attention.py``.
+  ``kernels/varlen_attention/``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 from omni_core.kernels._aot import AotConfig
-from omni_core.kernels.varlen_attention import DTYPES, INTERPRET, LOG2E, MAX_HEAD_DIM, _cast, _d_pad, _dot
+from omni_core.kernels.varlen_attention.common import DTYPES, INTERPRET, LOG2E, MAX_HEAD_DIM, _cast, _d_pad, _dot
 
 
 @triton.jit

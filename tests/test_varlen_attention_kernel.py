@@ -16,7 +16,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from attention_packs import bias_grad_abs_sums, make_pack
-from omni_core.kernels import varlen_attention as va  # noqa: E402
+from omni_core.kernels.varlen_attention import op as va  # noqa: E402
 
 from omni_core import compat  # noqa: E402
 from omni_core.ops import varlen_attention, varlen_attention_reference  # noqa: E402

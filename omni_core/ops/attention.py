@@ -3,7 +3,7 @@ optional learned per-modality relative-position bias: self-attention, causal and
 cross-attention, grouped-query heads (the decode step over a KV cache is
 :mod:`omni_core.ops.kvcache`).
 
-Contract (the Triton kernel in ``kernels/varlen_attention.py`` implements exactly this):
+Contract (the Triton kernel in ``kernels/varlen_attention/`` implements exactly this):
 
 * q ``[Tq, H, Dh]``, k and v ``[Tk, Hk, Dh]``; ``cu_seqlens`` int32 ``[B+1]`` splits q (and
   k, v when ``cu_seqlens_k`` is not given: self-attention) into B sequences; with

@@ -1,0 +1,83 @@
+"""Varlen attention with a gathered relative-position bias, in Triton.
+
+This implements :func:`omni_core.ops.varlen_attention` (see ``omni_core/ops/attention.py``
+for the contract): packed ``q [Tq, H, Dh]`` split into sequences by ``cu_seqlens`` and
+``k, v [Tk, Hk, Dh]`` split by ``cu_seqlens_k`` (the same pack for self-attention); query
+sequence b attends only to key sequence b, optionally with the bottom-right causal mask
+(row i sees key j iff ``j <= i + Lk - Lq``); query head h reads key head ``h // (H / Hk)``;
+when a bias is given (self-attention only), the logit of query ``i`` and key ``j`` gets
+``bias_table[bias_lut[m, pos[i], pos[j]], h]`` if both tokens carry modality ``m`` and
+that LUT entry is ``>= 0``.
+
+How it works
+------------
+* **Schedule.** Every program owns one (query block or key block, sequence, head). The
+  grid is ``(cdiv(max_seqlen, BLOCK), B, H)``; a program whose block starts past the end of
+  its sequence returns at once, and the inner loop runs only over the blocks of the same
+  sequence, so no key block of another sequence is ever visited and no ``[T, T]`` mask exists.
+  With ``causal`` the loops stop at (forward, dq) or start from (dk/dv) the diagonal block,
+  so about half the blocks of a causal sequence are never visited.
+* **Rows without keys** (an empty key sequence, causal rows with ``i + Lk - Lq < 0``) keep a
+  running max of -inf; the kernel shifts them by 0 instead (exp2 stays 0, never NaN) and
+  writes output 0 and lse -inf, as flash-attn. The backward reads lse -inf as +inf so their
+  probabilities are 0.
+* **Grouped-query heads.** The forward and dq programs read key head ``h // GROUP``. The
+  dk/dv program owns one *key* head and loops over the GROUP query heads that share it,
+  so the group's gradients are summed in registers, without atomics or a reduction pass.
+* **Bias.** Gathered per tile: ``modality`` and ``position`` of the rows and columns index
+  ``bias_lut``, whose entry indexes ``bias_table``. Neither ``[T, T]`` nor ``[H, L, L]`` is
+  ever materialised.
+* **Forward.** Online softmax in base 2 (``exp2`` is one instruction); the row
+  log-sum-exp (base 2) is saved for the backward and returned (natural log) on request.
+* **Backward.** ``delta = rowsum(dO * O)``, then two kernels that recompute the
+  probabilities from the saved log-sum-exp: one per key block accumulates ``dk, dv`` over
+  the query blocks, one per query block accumulates ``dq`` over the key blocks and the bias
+  gradient. Neither needs atomics for ``dq, dk, dv``. When ``bias_table`` needs no gradient
+  the bias-gradient code is compiled out (``BIAS_GRAD=False``) and no scratch is allocated.
+* **Bias gradient, two modes.** ``fast`` (the default) adds each tile's ``dS`` into
+  ``d bias_table`` with fp32 atomics: one pass, no scratch memory, but the summation order
+  (and so the last bits of ``d bias_table``) changes from run to run. ``deterministic``
+  reduces each tile over its distinct LUT entries, in increasing order, into a private
+  partial row per query block (scratch ``[T // BLOCK_M + B + 1, NB, H]`` fp32), then sums
+  the rows: bit-identical across runs, but a tile costs one pass per distinct entry it
+  covers (a 1-D relative bias: up to BLOCK_M + BLOCK_N - 1; a 2-D image bias: hundreds).
+  The default is ``fast`` because it costs nothing beyond the atomics, ``dq, dk, dv`` are
+  deterministic in both modes, and the order noise in the small bias table is far below
+  the fp16/bf16 rounding of the rest of the step. ``torch.use_deterministic_algorithms(True)``
+  or ``OMNI_ATTN_BIAS_GRAD=deterministic`` selects ``deterministic``.
+* **Head dims**: any multiple of 8 from 8 to 256, padded inside the kernel (masked loads and
+  stores, no copies) to the next power of two, at least 16 (``tl.dot``'s minimum K). Why
+  80 and 96 pad to 128 rather than split into 64+16 / 64+32 columns: a split needs two
+  accumulators and two PV dots (plus two QK^T dots summed) per tile, which Triton compiles
+  to two MMA chains with their own register tiles; the padded columns cost MMA issue slots
+  (33-60% more tensor-core work on QK^T and PV) but no memory traffic, since the padding
+  is masked at the load. The split trades those wasted MMA slots for more registers
+  (which force smaller tiles without spills); which wins is a GPU measurement this
+  project has not made yet (no GPU on the development machines), so the simpler padded
+  kernel stays until ``benchmarks/bench_varlen_attention.py`` (which has D=80/96 rows) says
+  otherwise.
+* **Precision.** fp16/bf16 operands feed the tensor cores with fp32 accumulation; fp32
+  uses IEEE fp32 dots on the CUDA cores (TF32 would miss fp32 accuracy), with small tiles.
+
+Files
+-----
+* ``common.py`` — constants, the one interpreter switch (``INTERPRET``) and the ``@triton.jit``
+  helpers every kernel shares (sequence bounds, masks, bias gather, interpreter-safe dot/cast);
+* ``fwd.py`` — the forward kernel;
+* ``bwd.py`` — the dk/dv and dq backward kernels;
+* ``bias_grad.py`` — the bias-gradient accumulation (both modes) and its buffers;
+* ``configs.py`` — tile configs per head-dim tier, autotuning, the AOT report configs;
+* ``op.py`` — input checks, launchers, the ``torch.library`` custom ops, the public entry.
+
+The launcher checks only what it can without a host sync (ranks, dtypes, devices, head
+dim, bias with cross-attention); the value checks (``cu_seqlens`` ends, LUT ranges) are
+done by the callers :func:`omni_core.ops.varlen_attention` and :mod:`omni_core.compat`
+before any launch.
+"""
+
+from omni_core.kernels.varlen_attention.common import DTYPES, INTERPRET, LN2, LOG2E, MAX_HEAD_DIM
+from omni_core.kernels.varlen_attention.configs import aot_configs
+from omni_core.kernels.varlen_attention.op import bias_grad_mode, bias_grad_mode_override, varlen_attention_triton
+
+__all__ = ["DTYPES", "INTERPRET", "LN2", "LOG2E", "MAX_HEAD_DIM", "aot_configs", "bias_grad_mode",
+           "bias_grad_mode_override", "varlen_attention_triton"]

@@ -1,0 +1,177 @@
+"""
+Varlen attention, backward kernels
+==================================
+
+Two kernels recompute the probabilities from the saved base-2 log-sum-exp (``delta =
+rowsum(dO * O)`` comes from the launcher): one per key block accumulates ``dk, dv`` over
+the query blocks (and over the query heads of a grouped-query group), one per query block
+accumulates ``dq`` over the key blocks and, when asked, the bias gradient
+(``bias_grad.py``). Neither uses atomics for ``dq, dk, dv``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from omni_core.kernels.varlen_attention.bias_grad import _accumulate_bias_grad
+from omni_core.kernels.varlen_attention.common import (
+    _allowed,
+    _bias_tile,
+    _cast,
+    _dot,
+    _key_end,
+    _load_ids,
+    _load_lse,
+    _seq_bounds,
+)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, Lse, Delta, CuSeqQ, CuSeqK, Table, Lut, Modality, Position,
+    qk_scale, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    T, H, P, GROUP,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One key block of one key/value head: dv = sum P^T dO, dk = scale * sum dS^T q, over
+    the query blocks of the sequence that can see it and over the GROUP query heads that
+    share this key head (so grouped-query gradients are summed without atomics). Works on
+    transposed tiles ([keys, queries]) so no transpose of P is needed. dk/dv share k/v
+    strides (they are allocated like k and v)."""
+    kb = tl.program_id(0)
+    b = tl.program_id(1)
+    hk = tl.program_id(2)
+    q_start, Lq, k_start, Lk = _seq_bounds(CuSeqQ, CuSeqK, b)
+    if kb * BLOCK_N >= Lk:
+        return
+    K += k_start * stride_kt + hk * stride_kh
+    V += k_start * stride_vt + hk * stride_vh
+    DK += k_start * stride_kt + hk * stride_kh
+    DV += k_start * stride_vt + hk * stride_vh
+    Q += q_start * stride_qt
+    DO += q_start * stride_dot
+    Lse += q_start
+    Delta += q_start
+    Modality += q_start
+    Position += q_start
+
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    col_ok = offs_n < Lk
+    d_ok = offs_d < HEAD_DIM
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+    if HAS_BIAS:
+        mod_n, pos_n = _load_ids(Modality, Position, offs_n, col_ok, -2)
+    # Causal: query row i sees key j iff i >= j - (Lk - Lq); earlier query blocks are skipped.
+    first_row = 0
+    if CAUSAL:
+        first_row = tl.maximum(kb * BLOCK_N - (Lk - Lq), 0) // BLOCK_M * BLOCK_M
+
+    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        for start_m in range(first_row, Lq, BLOCK_M):
+            rows = start_m + offs_m
+            row_ok = rows < Lq
+            q_mask = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(DO + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :],
+                         mask=q_mask, other=0.0)
+            lse = _load_lse(Lse + h.to(tl.int64) * T, rows, row_ok)
+            delta = tl.load(Delta + h.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
+            sT = _dot(k, tl.trans(q), UPCAST, IEEE) * qk_scale  # [BLOCK_N, BLOCK_M]
+            if HAS_BIAS:
+                mod_m, pos_m = _load_ids(Modality, Position, rows, row_ok, -1)
+                _, bias = _bias_tile(Table, Lut, mod_m[None, :], pos_m[None, :], mod_n[:, None],
+                                     pos_n[:, None], h, H, P)
+                sT += bias * 1.4426950408889634
+            pT = tl.math.exp2(sT - lse[None, :])
+            pT = tl.where(_allowed(rows[None, :], offs_n[:, None], Lq, Lk, CAUSAL), pT, 0.0)
+            dv += _dot(_cast(pT, do.dtype, UPCAST), do, UPCAST, IEEE)
+            dpT = _dot(v, tl.trans(do), UPCAST, IEEE)
+            dsT = pT * (dpT - delta[None, :])
+            dk += _dot(_cast(dsT, q.dtype, UPCAST), q, UPCAST, IEEE)
+
+    dk *= sm_scale
+    tl.store(DK + offs_n[:, None] * stride_kt + offs_d[None, :],
+             _cast(dk, DK.dtype.element_ty, UPCAST), mask=kv_mask)
+    tl.store(DV + offs_n[:, None] * stride_vt + offs_d[None, :],
+             _cast(dv, DV.dtype.element_ty, UPCAST), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, DQ, Lse, Delta, CuSeqQ, CuSeqK, Table, Lut, Modality, Position, DBias,
+    qk_scale, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    T, H, P, GROUP, NB,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, DETERMINISTIC: tl.constexpr, CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One query block: dq = scale * sum_j dS k over the key blocks it may see, and (with
+    BIAS_GRAD) the bias gradient dS summed per LUT entry. Fast mode: DBias is [NB, H]
+    fp32, atomics. Deterministic mode: DBias is [rows, NB, H] fp32, one private row per
+    query block (row = start // BLOCK_M + b + qb is unique per block), no atomics."""
+    qb = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start, Lq, k_start, Lk = _seq_bounds(CuSeqQ, CuSeqK, b)
+    if qb * BLOCK_M >= Lq:
+        return
+    hk = h // GROUP
+    Q += q_start * stride_qt + h * stride_qh
+    K += k_start * stride_kt + hk * stride_kh
+    V += k_start * stride_vt + hk * stride_vh
+    DO += q_start * stride_dot + h * stride_doh
+    DQ += q_start * stride_qt + h * stride_qh
+    Lse += h.to(tl.int64) * T + q_start
+    Delta += h.to(tl.int64) * T + q_start
+    Modality += q_start
+    Position += q_start
+
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok = offs_m < Lq
+    d_ok = offs_d < HEAD_DIM
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
+    lse = _load_lse(Lse, offs_m, row_ok)
+    delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
+    if HAS_BIAS:
+        mod_m, pos_m = _load_ids(Modality, Position, offs_m, row_ok, -1)
+        if DETERMINISTIC:
+            DBias += (q_start // BLOCK_M + b + qb) * NB * H
+
+    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    for start_n in range(0, _key_end((qb + 1) * BLOCK_M, Lq, Lk, CAUSAL), BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < Lk
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
+        if HAS_BIAS:
+            mod_n, pos_n = _load_ids(Modality, Position, cols, col_ok, -2)
+            entry, bias = _bias_tile(Table, Lut, mod_m[:, None], pos_m[:, None], mod_n[None, :],
+                                     pos_n[None, :], h, H, P)
+            s += bias * 1.4426950408889634
+        p = tl.math.exp2(s - lse[:, None])
+        p = tl.where(_allowed(offs_m[:, None], cols[None, :], Lq, Lk, CAUSAL), p, 0.0)
+        dp = _dot(do, tl.trans(v), UPCAST, IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(_cast(ds, k.dtype, UPCAST), k, UPCAST, IEEE)
+        if BIAS_GRAD:
+            _accumulate_bias_grad(DBias, entry, ds, h, H, NB, DETERMINISTIC)
+
+    dq *= sm_scale
+    tl.store(DQ + offs_m[:, None] * stride_qt + offs_d[None, :],
+             _cast(dq, DQ.dtype.element_ty, UPCAST), mask=q_mask)

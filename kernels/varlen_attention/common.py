@@ -1,0 +1,111 @@
+"""
+Varlen attention, shared pieces
+===============================
+
+Constants, the one place the interpreter is detected, and the ``@triton.jit`` helpers that
+the forward and backward kernels (and ``kernels/decode_attention.py``) share: sequence
+bounds, causal masks, the bias gather, and the interpreter-safe dot and cast.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# The only interpreter switch of the attention kernels: under TRITON_INTERPRET=1 the kernels
+# run on CPU tensors with fp32-upcast dots (UPCAST) and a single tile config.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_HEAD_DIM = 256
+DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def _d_pad(head_dim: int) -> int:
+    """Padded head dim: a power of two (tl.arange, tl.dot) and at least 16 (tl.dot's K)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    # The interpreter's bf16 dot is wrong, so it multiplies in fp32 (the operands are
+    # already rounded to the storage dtype, as on the GPU). fp32 inputs avoid TF32.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """``x.to(dtype)`` rounding to nearest even. Compiled code does that already; the
+    interpreter truncates fp32 -> bf16 (about twice the error), so when interpreting the
+    value is first rounded to a bf16-representable fp32 with integer ops."""
+    if UPCAST:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _bias_tile(Table, Lut, mod_q, pos_q, mod_k, pos_k, h, H, P):
+    """Bias of a tile from broadcastable row/column ids; returns (entry, bias) with
+    entry = -1 where no bias applies (other modality, LUT entry -1, or padding)."""
+    # int32 offsets (the launcher checks M*P*P and NB*H fit) keep register pressure low.
+    entry = tl.load(Lut + (mod_q * P * P + pos_q * P + pos_k), mask=mod_q == mod_k, other=-1)
+    bias = tl.load(Table + (entry * H + h), mask=entry >= 0, other=0.0)
+    return entry, bias.to(tl.float32)
+
+
+@triton.jit
+def _seq_bounds(CuSeqQ, CuSeqK, b):
+    """(query start, Lq, key start, Lk) of sequence b; starts as int64 for the base pointers."""
+    q_start = tl.load(CuSeqQ + b)
+    k_start = tl.load(CuSeqK + b)
+    Lq = tl.load(CuSeqQ + b + 1) - q_start
+    Lk = tl.load(CuSeqK + b + 1) - k_start
+    return q_start.to(tl.int64), Lq, k_start.to(tl.int64), Lk
+
+
+@triton.jit
+def _key_end(q_block_end, Lq, Lk, CAUSAL: tl.constexpr):
+    """One past the last key any query row below ``q_block_end`` may attend to: Lk, or
+    with the bottom-right causal mask (row i sees key j iff j <= i + Lk - Lq) fewer."""
+    if CAUSAL:
+        return tl.maximum(tl.minimum(Lk, q_block_end + Lk - Lq), 0)
+    else:
+        return Lk
+
+
+@triton.jit
+def _allowed(rows, cols, Lq, Lk, CAUSAL: tl.constexpr):
+    """[rows, cols] mask of (query, key) pairs that may attend (broadcast shapes)."""
+    ok = (rows < Lq) & (cols < Lk)
+    if CAUSAL:
+        ok = ok & (cols <= rows + (Lk - Lq))
+    return ok
+
+
+
+@triton.jit
+def _load_ids(Modality, Position, offs, ok, missing):
+    """Modality and position of the tokens ``offs`` of a sequence; tokens past its end get
+    modality ``missing`` (rows -1, columns -2: they never match each other) and position 0."""
+    mod = tl.load(Modality + offs, mask=ok, other=missing)
+    pos = tl.load(Position + offs, mask=ok, other=0)
+    return mod, pos
+
+
+@triton.jit
+def _load_lse(Lse, rows, row_ok):
+    """Saved base-2 lse; rows without keys (-inf) become +inf so exp2(s - lse) is 0."""
+    lse = tl.load(Lse + rows, mask=row_ok, other=0.0)
+    return tl.where(lse == float("-inf"), float("inf"), lse)
+

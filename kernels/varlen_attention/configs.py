@@ -1,0 +1,173 @@
+"""
+Varlen attention, tile configs and autotuning
+=============================================
+
+Tile configs per operand kind and head-dim tier, one autotuner per tier (the interpreter
+gets a single config), and the configs the static report compiles ahead of time.
+"""
+
+from __future__ import annotations
+
+import triton
+from omni_core.kernels._aot import AotConfig
+from omni_core.kernels.varlen_attention.bwd import _bwd_dkdv_kernel, _bwd_dq_kernel
+from omni_core.kernels.varlen_attention.common import INTERPRET, _d_pad
+from omni_core.kernels.varlen_attention.fwd import _fwd_kernel
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner on a GPU, by operand kind
+# and padded head dim tier (D_PAD <= 64, 128, 256). Every fp16/bf16 entry compiles to
+# tensor-core code (HMMA on sm_80, HGMMA on sm_90) without spills; see
+# ``python benchmarks/kernel_report.py --static --kernel varlen``. The dk/dv kernel's dots
+# have BLOCK_N rows, so it needs BLOCK_N >= 64 for warpgroup MMA, the dq kernel
+# BLOCK_M >= 64. fp32 runs IEEE dots on the CUDA cores (TF32 would miss fp32 accuracy);
+# its operands stay in registers, so only small tiles avoid spills. Head dim 256 (fp16/bf16):
+# the dk/dv accumulators alone are 2 x BLOCK_N x 256 fp32, so its backward tiles are 32 x 32,
+# which sm_90 runs as HMMA (warpgroup MMA needs 64 rows): the 64-row tiles spill there.
+# The dk/dv kernel's group loop (GQA) costs registers, hence BLOCK_M = 32 at D_PAD 128.
+FWD_CONFIGS = {
+    ("half", 64): [(128, 64, 8, 2), (64, 64, 4, 2)],
+    ("half", 128): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 128, 8, 2)],
+    ("half", 256): [(64, 32, 8, 2)],
+    ("fp32", 64): [(32, 32, 4, 1), (16, 32, 4, 1)],
+    ("fp32", 128): [(16, 32, 4, 1)],
+    ("fp32", 256): [(16, 16, 4, 1)],
+}
+DKDV_CONFIGS = {
+    ("half", 64): [(64, 64, 4, 2)],
+    ("half", 128): [(32, 64, 8, 2)],
+    ("half", 256): [(32, 32, 8, 1)],
+    ("fp32", 64): [(16, 64, 4, 1)],
+    ("fp32", 128): [(16, 32, 8, 1)],
+    ("fp32", 256): [(16, 16, 8, 1)],
+}
+DQ_CONFIGS = {
+    ("half", 64): [(64, 64, 4, 2), (64, 32, 4, 2)],
+    ("half", 128): [(64, 64, 8, 2), (128, 32, 8, 2)],
+    ("half", 256): [(32, 32, 8, 1)],
+    ("fp32", 64): [(32, 32, 4, 1), (16, 32, 4, 1)],
+    ("fp32", 128): [(32, 32, 8, 1)],
+    ("fp32", 256): [(16, 16, 4, 1)],
+}
+# The deterministic bias gradient's entry loop costs registers: its own spill-free list.
+DQ_DETERMINISTIC_CONFIGS = {
+    ("half", 64): [(64, 32, 4, 2)],
+    ("half", 128): [(64, 64, 8, 2)],
+    ("half", 256): [(32, 32, 8, 1)],
+    ("fp32", 64): [(16, 32, 4, 1)],
+    ("fp32", 128): [(32, 32, 8, 1)],
+    ("fp32", 256): [(16, 16, 4, 1)],
+}
+# Under the interpreter: one config (autotuning needs a GPU timer), large blocks because
+# the interpreter's cost is per block step.
+INTERPRET_CONFIG = (64, 64, 4, 1)
+
+
+
+def _tier(head_dim: int, dtype: str) -> tuple[str, int]:
+    return ("fp32" if dtype == "fp32" else "half", max(64, _d_pad(head_dim)))
+
+
+def _autotuned(fn, table: dict[tuple[str, int], list[tuple[int, int, int, int]]], **kwargs) -> dict:
+    """One autotuner per (operand kind, head-dim tier); the interpreter gets its single config."""
+    tuned = {}
+    for tier, configs in table.items():
+        if INTERPRET:
+            configs = [INTERPRET_CONFIG]
+        tuned[tier] = triton.autotune(
+            [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+             for bm, bn, w, st in configs], **kwargs)(fn)
+    return tuned
+
+
+_KEY = ["HEAD_DIM", "HAS_BIAS", "CAUSAL"]
+_fwd = _autotuned(_fwd_kernel, FWD_CONFIGS, key=_KEY)
+_bwd_dkdv = _autotuned(_bwd_dkdv_kernel, DKDV_CONFIGS, key=_KEY)
+_bwd_dq = {
+    False: _autotuned(_bwd_dq_kernel, DQ_CONFIGS, key=[*_KEY, "BIAS_GRAD"], reset_to_zero=["DBias"]),
+    True: _autotuned(_bwd_dq_kernel, DQ_DETERMINISTIC_CONFIGS, key=_KEY, reset_to_zero=["DBias"]),
+}
+
+
+
+# Reference problem for FLOP / byte counts: a ONE-PEACE-like pack, 24 heads; the causal
+# rows count the pairs a causal mask keeps (about half).
+_REF_LENGTHS = [257] * 16 + [40] * 32 + [500] * 4
+_REF_HEADS = 24
+AOT_HEAD_DIMS = (16, 32, 64, 72, 80, 96, 128, 256)
+
+
+def _reference_cost(head_dim: int, elem: int, backward: bool, causal: bool) -> tuple[int, int]:
+    """FLOPs (2 per multiply-add) and minimum bytes moved (each operand read once, each
+    result written once) of the reference problem."""
+    T = sum(_REF_LENGTHS)
+    pairs = sum(n * (n + 1) // 2 if causal else n * n for n in _REF_LENGTHS)
+    fwd_flops = 4 * pairs * head_dim * _REF_HEADS  # QK^T and PV
+    io = T * _REF_HEADS * head_dim * elem
+    if not backward:
+        return fwd_flops, 4 * io + T * _REF_HEADS * 4  # q k v in, out + lse out
+    # recompute QK^T, plus dV, dP, dQ, dK: 5 matmuls over the pairs
+    return 5 * fwd_flops // 2, 8 * io + 2 * T * _REF_HEADS * 4  # q k v o do in, dq dk dv out, lse delta
+
+
+def aot_configs() -> list[AotConfig]:
+    """Every autotune config x {fp16, bf16, fp32} x head dim: forward, dk/dv, and dq with
+    each bias-gradient mode (``_det`` = deterministic), all with the bias on (its gather
+    costs registers); plus the causal variants without a bias (the decoder case), labelled
+    ``causal``."""
+    configs: list[AotConfig] = []
+    for dtype in ("fp16", "bf16", "fp32"):
+        elem = 4 if dtype == "fp32" else 2
+        for head_dim in AOT_HEAD_DIMS:
+            kernels = (
+                ("varlen_attention_fwd", _fwd_kernel, FWD_CONFIGS, {}, False),
+                ("varlen_attention_bwd_dkdv", _bwd_dkdv_kernel, DKDV_CONFIGS, {}, True),
+                ("varlen_attention_bwd_dq", _bwd_dq_kernel, DQ_CONFIGS, {"DETERMINISTIC": False}, True),
+                ("varlen_attention_bwd_dq_det", _bwd_dq_kernel, DQ_DETERMINISTIC_CONFIGS,
+                 {"DETERMINISTIC": True}, True),
+            )
+            for causal in (False, True):
+                common = {"HEAD_DIM": head_dim, "D_PAD": _d_pad(head_dim), "HAS_BIAS": not causal,
+                          "CAUSAL": causal, "UPCAST": False, "IEEE": dtype == "fp32"}
+                for name, fn, tuned, extra_consts, backward in kernels:
+                    if causal and name.endswith("_det"):
+                        continue  # without a bias there is no bias gradient to make deterministic
+                    extra = dict(extra_consts)
+                    if fn is _bwd_dq_kernel:
+                        extra["BIAS_GRAD"] = not causal
+                    flops, nbytes = _reference_cost(head_dim, elem, backward, causal)
+                    for bm, bn, warps, stages in tuned[_tier(head_dim, dtype)]:
+                        consts = {**common, **extra, "BLOCK_M": bm, "BLOCK_N": bn}
+                        configs.append(AotConfig(
+                            kernel=name, fn=fn, signature=_signature(fn, dtype, consts), constexprs=consts,
+                            num_warps=warps, num_stages=stages, dtype=dtype,
+                            label=f"D={head_dim} BM={bm} BN={bn} w={warps} s={stages}"
+                                  + (" causal" if causal else " bias"),
+                            flops=flops, min_bytes=nbytes,
+                            divisible_by_16=tuple(a for a in fn.arg_names if a.startswith("stride_")),
+                        ))
+    return configs
+
+
+_FLOAT_ARGS = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
+_FP32_ARGS = {"Lse", "Delta", "Table", "DBias"}
+_INT_PTR_ARGS = {"CuSeqQ", "CuSeqK", "Lut", "Modality", "Position"}
+_FP32_SCALARS = {"qk_scale", "sm_scale"}
+
+
+def _signature(fn, dtype: str, consts: dict) -> dict[str, str]:
+    """Triton signature of ``fn`` for ``dtype`` storage (the table is fp32 here)."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in _FLOAT_ARGS:
+            sig[name] = f"*{dtype}"
+        elif name in _FP32_ARGS:
+            sig[name] = "*fp32"
+        elif name in _INT_PTR_ARGS:
+            sig[name] = "*i32"
+        elif name in _FP32_SCALARS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig

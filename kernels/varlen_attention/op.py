@@ -1,0 +1,249 @@
+"""
+Varlen attention, launchers and the torch.library custom ops
+============================================================
+
+``_launch_fwd``/``_launch_bwd`` check, allocate and launch (kernels in ``fwd.py``/``bwd.py``,
+tiles in ``configs.py``); one custom op each way, so autograd and ``torch.compile`` see one
+op; :func:`varlen_attention_triton` is the "triton" backend of ``ops.varlen_attention``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+from omni_core.kernels.varlen_attention.bias_grad import (
+    bias_grad_buffer,
+    bias_grad_mode,
+    bias_grad_mode_override,
+    finish_bias_grad,
+)
+from omni_core.kernels.varlen_attention.common import DTYPES, INTERPRET, LN2, LOG2E, MAX_HEAD_DIM, _d_pad
+from omni_core.kernels.varlen_attention.configs import (
+    DQ_DETERMINISTIC_CONFIGS,
+    INTERPRET_CONFIG,
+    _bwd_dkdv,
+    _bwd_dq,
+    _fwd,
+    _tier,
+)
+
+__all__ = ["bias_grad_mode", "bias_grad_mode_override", "varlen_attention_triton"]
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+           cu_seqlens_k: torch.Tensor | None, bias: tuple[torch.Tensor | None, ...]) -> None:
+    """Structural checks that need no host sync; raise before any launch."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be [T, H, Dh], got shape {tuple(t.shape)}")
+    shapes = f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+    if v.shape != k.shape or k.shape[2] != q.shape[2] or (cu_seqlens_k is None and k.shape[0] != q.shape[0]):
+        raise ValueError(f"q, k, v shapes disagree: {shapes}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q, k, v shapes disagree: {shapes}: Hk={k.shape[1]} must divide H={q.shape[1]}")
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"varlen_attention_triton supports fp16, bf16, fp32 (all alike); got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype}")
+    Dh = q.shape[2]
+    if Dh % 8 or not 8 <= Dh <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim {Dh} is not supported by the Triton kernel: it must be a multiple of 8 "
+                         f"from 8 to {MAX_HEAD_DIM} (as flash-attn)")
+    for name, cu in (("cu_seqlens", cu_seqlens), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu is not None and (cu.dtype != torch.int32 or cu.dim() != 1):
+            raise TypeError(f"{name} must be a 1-D int32 tensor, got {cu.dtype} {tuple(cu.shape)}")
+    if cu_seqlens_k is not None and cu_seqlens_k.shape != cu_seqlens.shape:
+        raise ValueError(f"cu_seqlens_k must have the shape of cu_seqlens {tuple(cu_seqlens.shape)}, "
+                         f"got {tuple(cu_seqlens_k.shape)}")
+    given = [t for t in bias if t is not None]
+    if given and cu_seqlens_k is not None:
+        raise ValueError("the relative-position bias is a self-attention feature: it cannot be combined "
+                         "with cu_seqlens_k (cross-attention)")
+    if given and len(given) != 4:
+        raise ValueError("the bias needs bias_table, bias_lut, modality and position together")
+    if given and (given[1].numel() >= 2**31 or given[0].numel() >= 2**31):
+        raise ValueError("bias_lut and bias_table must each hold fewer than 2**31 entries (int32 offsets)")
+    extra = [cu_seqlens_k] if cu_seqlens_k is not None else []
+    devices = {t.device for t in (q, k, v, cu_seqlens, *extra, *given)}
+    if len(devices) > 1:
+        raise ValueError(f"tensors are on different devices: {sorted(map(str, devices))}")
+    device = q.device
+    if device.type != "cuda" and not (INTERPRET and device.type == "cpu"):
+        raise ValueError(f"the Triton kernel needs CUDA tensors (or CPU under TRITON_INTERPRET=1), got {device}")
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocation of every kernel-written output (the tests swap in NaN-filled tensors so
+    that an element the kernel fails to write shows up)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int]:
+    return t.stride(0), t.stride(1)
+
+
+def _bias_args(bias_table, bias_lut, modality, position, like: torch.Tensor):
+    """Kernel bias arguments; dummies (never read) when there is no bias."""
+    if bias_table is None:
+        dummy_f = like.new_empty(1, dtype=torch.float32)
+        dummy_i = like.new_empty(1, dtype=torch.int32)
+        return dummy_f, dummy_i, dummy_i, dummy_i, 1, False
+    return (bias_table.contiguous(), bias_lut.contiguous(), modality.to(torch.int32).contiguous(),
+            position.contiguous(), bias_lut.shape[1], True)
+
+
+def _launch_fwd(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, scale, causal, bias_table, bias_lut, modality,
+                position):
+    T, H, Dh = q.shape
+    B = cu_seqlens.numel() - 1
+    out = _empty(q.shape, q.dtype, q.device)
+    lse = _empty((H, T), torch.float32, q.device)
+    if T == 0 or max_seqlen == 0:
+        return out, lse
+    table, lut, mod, pos, P, has_bias = _bias_args(bias_table, bias_lut, modality, position, q)
+
+    def grid(meta):
+        return (triton.cdiv(max_seqlen, meta["BLOCK_M"]), B, H)
+
+    _fwd[_tier(Dh, DTYPES[q.dtype])][grid](
+        q, k, v, out, lse, cu_seqlens, cu_seqlens_k, table, lut, mod, pos,
+        scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        T, H, P, H // k.shape[1],
+        HEAD_DIM=Dh, D_PAD=_d_pad(Dh), HAS_BIAS=has_bias, CAUSAL=causal,
+        UPCAST=INTERPRET, IEEE=q.dtype == torch.float32,
+    )
+    return out, lse
+
+
+def _launch_bwd(do, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, scale, causal,
+                bias_table, bias_lut, modality, position, bias_grad, deterministic):
+    T, H, Dh = q.shape
+    B = cu_seqlens.numel() - 1
+    do = do.contiguous()
+    dq = _empty(q.shape, q.dtype, q.device)
+    dk, dv = (_empty(k.shape, k.dtype, k.device) for _ in range(2))
+    # delta_i = rowsum(dO_i * O_i): one elementwise pass, laid out [H, T] like the lse.
+    delta = (do.float() * out.float()).sum(-1).transpose(0, 1).contiguous()
+    table, lut, mod, pos, P, has_bias = _bias_args(bias_table, bias_lut, modality, position, q)
+    bias_grad = has_bias and bias_grad
+    NB = table.shape[0] if has_bias else 1
+    tier = _tier(Dh, DTYPES[q.dtype])
+    deterministic = bias_grad and deterministic
+    configs = [INTERPRET_CONFIG] if INTERPRET else DQ_DETERMINISTIC_CONFIGS[tier]
+    dbias_buf = bias_grad_buffer(T, B, NB, H, min(c[0] for c in configs), bias_grad, deterministic, q.device)
+    common = dict(HEAD_DIM=Dh, D_PAD=_d_pad(Dh), HAS_BIAS=has_bias, CAUSAL=causal, UPCAST=INTERPRET,
+                  IEEE=q.dtype == torch.float32)
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    group = H // k.shape[1]
+    if k.shape[0] > 0 and max_seqlen_k > 0:
+        _bwd_dkdv[tier][lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), B, k.shape[1])](
+            q, k, v, do, dk, dv, lse, delta, cu_seqlens, cu_seqlens_k, table, lut, mod, pos,
+            scale * LOG2E, scale, *strides, T, H, P, group, **common,
+        )
+    if T > 0 and max_seqlen > 0:
+        _bwd_dq[deterministic][tier][lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), B, H)](
+            q, k, v, do, dq, lse, delta, cu_seqlens, cu_seqlens_k, table, lut, mod, pos, dbias_buf,
+            scale * LOG2E, scale, *strides, T, H, P, group, NB, BIAS_GRAD=bias_grad,
+            DETERMINISTIC=deterministic, **common,
+        )
+    if not bias_grad:
+        return dq, dk, dv, q.new_empty(0)
+    return dq, dk, dv, finish_bias_grad(dbias_buf, deterministic, bias_table.dtype)
+
+
+
+@torch.library.custom_op("omni_core::varlen_attention", mutates_args=())
+def _varlen_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    max_seqlen: int, max_seqlen_k: int, softmax_scale: float, causal: bool, bias_table: torch.Tensor | None,
+    bias_lut: torch.Tensor | None, modality: torch.Tensor | None, position: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: (out [T, H, Dh], lse [H, T] fp32, base 2)."""
+    return _launch_fwd(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, cu_seqlens_k, max_seqlen,
+                       softmax_scale, causal, bias_table, bias_lut, modality, position)
+
+
+@_varlen_attention_op.register_fake
+def _(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, softmax_scale, causal, bias_table, bias_lut,
+      modality, position):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("omni_core::varlen_attention_backward", mutates_args=())
+def _varlen_attention_backward_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, cu_seqlens: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen: int, max_seqlen_k: int,
+    softmax_scale: float, causal: bool, bias_table: torch.Tensor | None, bias_lut: torch.Tensor | None,
+    modality: torch.Tensor | None, position: torch.Tensor | None, bias_grad: bool, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: (dq, dk, dv, d bias_table); d bias_table is empty without a bias or when
+    ``bias_grad`` is off (bias_table needs no gradient: the bias-gradient work is skipped)."""
+    return _launch_bwd(do, q.contiguous(), k.contiguous(), v.contiguous(), out, lse, cu_seqlens, cu_seqlens_k,
+                       max_seqlen, max_seqlen_k, softmax_scale, causal, bias_table, bias_lut, modality, position,
+                       bias_grad, deterministic)
+
+
+@_varlen_attention_backward_op.register_fake
+def _(do, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, softmax_scale, causal,
+      bias_table, bias_lut, modality, position, bias_grad, deterministic):
+    dbias = torch.empty_like(bias_table) if bias_table is not None and bias_grad else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, scale, causal, bias_table, bias_lut, modality,
+     position) = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, cu_seqlens_k, bias_table, bias_lut, modality, position)
+    ctx.max_seqlen, ctx.max_seqlen_k, ctx.scale, ctx.causal = max_seqlen, max_seqlen_k, scale, causal
+    ctx.deterministic = bias_grad_mode() == "deterministic"  # chosen at the forward call
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_seqlens, cu_seqlens_k, bias_table, bias_lut, modality, position = ctx.saved_tensors
+    bias_grad = bias_table is not None and ctx.needs_input_grad[9]
+    dq, dk, dv, dbias = _varlen_attention_backward_op(
+        dout, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, ctx.max_seqlen, ctx.max_seqlen_k, ctx.scale,
+        ctx.causal, bias_table, bias_lut, modality, position, bias_grad, ctx.deterministic)
+    return dq, dk, dv, None, None, None, None, None, None, (dbias if bias_grad else None), None, None, None
+
+
+_varlen_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+
+def varlen_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    softmax_scale: float | None,
+    bias_table: torch.Tensor | None,
+    bias_lut: torch.Tensor | None,
+    modality: torch.Tensor | None,
+    position: torch.Tensor | None,
+    *,
+    causal: bool = False,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The "triton" backend of :func:`omni_core.ops.varlen_attention` (same arguments, the
+    first ten positional). Differentiable in q, k, v and ``bias_table``; one op for
+    torch.compile. With ``return_lse`` also the natural-log LSE ``[H, T]`` fp32 (not
+    differentiable, as flash-attn's)."""
+    _check(q, k, v, cu_seqlens, cu_seqlens_k, (bias_table, bias_lut, modality, position))
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
+    if cu_seqlens_k is None:
+        cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
+    elif max_seqlen_k is None:
+        raise ValueError("max_seqlen_k is required with cu_seqlens_k")
+    out, lse = _varlen_attention_op(q, k, v, cu_seqlens, cu_seqlens_k, int(max_seqlen), int(max_seqlen_k), scale,
+                                    bool(causal), bias_table, bias_lut, modality, position)
+    return (out, lse * LN2) if return_lse else out
+
+
+varlen_attention_triton.modes = frozenset({"causal", "cross", "gqa", "lse"})
