@@ -24,6 +24,7 @@ from pathlib import Path
 
 from omni_core.data import synth
 from omni_core.eval.retrieval import directions, evaluate, format_classify, format_table
+from omni_core.precision import add_precision_argument
 from omni_core.train.trainer import EVAL_CURVE, METRICS, TrainArgs, train
 
 DEMO_RECIPES = ("joint", "two-stage", "contrastive")
@@ -84,10 +85,10 @@ def plot(runs: list[Path], out: Path, result: dict, title: str) -> Path:
 
 
 def run_recipe(recipe: str, data: Path, run: Path, minutes: float, seed: int, eval_every: float,
-               hard_negatives: bool, image_size: int, token_budget: int) -> list[Path]:
+               hard_negatives: bool, image_size: int, token_budget: int, precision: str) -> list[Path]:
     """Train with a demo recipe; returns the run directories in order (the last is final)."""
     common = dict(data=str(data), seed=seed, eval_every_s=eval_every, hard_negatives=hard_negatives,
-                  overrides={"image_size": image_size}, token_budget=token_budget)
+                  overrides={"image_size": image_size}, token_budget=token_budget, precision=precision)
     if recipe == "two-stage":
         first, second = run / "stage1", run
         run.mkdir(parents=True)
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token-budget", type=int, default=TOKEN_BUDGET, help="tokens per packed training step")
     p.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=False,
                    help="compose steps from samples sharing object phrases (measured worse: off by default)")
+    add_precision_argument(p)
     a = p.parse_args(argv)
     data, run = Path(a.data), Path(a.run)
     start = time.perf_counter()
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(run)  # a fresh run each time; `omni pretrain --resume` is for continuing one
     print(f"[2/3] pre-training the tiny preset for {a.minutes:g} minutes, recipe {a.recipe}")
     runs = run_recipe(a.recipe, data, run, a.minutes, a.seed, a.eval_every, a.hard_negatives, a.image_size,
-                      a.token_budget)
+                      a.token_budget, a.precision)
     summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
     steps = sum(s["steps"] for s in summaries)
     print(f"      {steps} steps, {sum(s['tokens'] for s in summaries):,} tokens, "
