@@ -27,6 +27,7 @@ as a whole is left out of the sequence (so no length leaks); pre-LN layers.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -558,6 +559,14 @@ class OptModel(nn.Module):
                              i if audio is not None else None) for i in range(n)]
         return self.encode_views(list(text or []), image, list(audio or []), views)
 
+    def matching_logits(self, encoded: Encoded, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N, 5]`` triplet-matching logits (:data:`ITM_CLASSES`, class 0 = matched) of the
+        encoded sequences ``rows`` (default all), from each sequence's pooled first token."""
+        first = encoded.cu_seqlens[:-1].long()
+        if rows is not None:
+            first = first[torch.as_tensor(rows, dtype=torch.long, device=first.device)]
+        return self.itm_head(torch.tanh(self.pooler(encoded.x[first])))
+
     # ----------------------------------------------------------------------- decoding
     def text_decoding(self, memory: Encoded, use_cache: bool = True) -> IncrementalDecoder:
         """Caption decoding over ``memory``: BOS is the tokenizer's [CLS], EOS its [EOS]."""
@@ -599,13 +608,19 @@ class OptModel(nn.Module):
         return F.adaptive_avg_pool1d(mel.t()[None], frames)[0].t()
 
 
-def load_opt(path, device: torch.device | str = "cpu") -> tuple[OptModel, dict]:
-    """An :class:`OptModel` from a weights file written by ``omni pretrain --recipe opt``, in eval mode."""
+def load_opt(path: str | Path, device: torch.device | str = "cpu") -> tuple[OptModel, dict]:
+    """An :class:`OptModel` from ``omni pretrain --recipe opt``: a run directory (its final
+    model, else its latest checkpoint) or a weights file; in eval mode, with the run's meta
+    (``meta["args"]["vq"]`` names its image tokenizer)."""
     from safetensors.torch import load_file
 
     from omni_core.train.checkpoint import read_meta
+    from omni_core.train.trainer import run_weights
 
+    path = run_weights(path) if Path(path).is_dir() else Path(path)
     meta = read_meta(path)
+    if meta.get("args", {}).get("recipe", "opt") != "opt":
+        raise ValueError(f"{path} was trained with --recipe {meta['args']['recipe']}, not opt")
     with torch.device(device):
         model = OptModel(OptConfig(**meta["config"]))
     tensors = {k[len("model/"):]: v for k, v in load_file(str(path)).items() if k.startswith("model/")}

@@ -330,11 +330,10 @@ def _contrast(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
 
 
 def _itm(ctx: StepContext) -> torch.Tensor:
-    starts = ctx.encoded.cu_seqlens[:-1].long()
-    first = starts[ctx.first["itm"]: ctx.first["itm"] + len(ctx.views["itm"])]
-    pooled = torch.tanh(ctx.model.pooler(ctx.encoded.x[first]))
-    labels = torch.tensor([v.itm_label for v in ctx.views["itm"]], device=pooled.device)
-    return F.cross_entropy(_upcast(ctx.model.itm_head(pooled)), labels)
+    rows = torch.arange(len(ctx.views["itm"])) + ctx.first["itm"]
+    logits = ctx.model.matching_logits(ctx.encoded, rows)
+    labels = torch.tensor([v.itm_label for v in ctx.views["itm"]], device=logits.device)
+    return F.cross_entropy(_upcast(logits), labels)
 
 
 def _td(ctx: StepContext) -> torch.Tensor:
