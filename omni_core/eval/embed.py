@@ -6,6 +6,8 @@ text file (one caption per line), from a run of ``omni pretrain``.
     omni embed --run runs/demo --text captions.txt --out captions.npy
 
 Writes the ``[N, E]`` float32 array and ``<out>.names.txt`` (the file or line of each row).
+``--precision auto|fp32|bf16`` picks the forward's autocast (:mod:`omni_core.precision`; the
+choice is printed on stderr).
 Every file that cannot be decoded is skipped and named on stderr (also when none could be
 decoded). Audio is prepared as ONE-PEACE's hub prepares it (see ``OmniModel.embed_audio``).
 """
@@ -23,6 +25,7 @@ from omni_core.data.audio import SAMPLE_RATE, decode_audio, resample
 from omni_core.data.loader import decode_image
 from omni_core.data.tokenizer import load_tokenizer
 from omni_core.model.omni import AUDIO, IMAGE, TEXT, OmniModel
+from omni_core.precision import add_precision_argument, resolve_precision
 from omni_core.train.trainer import load_trained
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -74,8 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--text", type=Path, help="text file, one caption per line")
     p.add_argument("--data", help="dataset holding tokenizer.json (default: the run's dataset)")
     p.add_argument("--out", required=True, type=Path, help="output .npy file")
+    add_precision_argument(p)
     a = p.parse_args(argv)
     model, meta = load_trained(a.run)
+    device = next(model.parameters()).device
+    precision = resolve_precision(a.precision, device)
+    print(f"precision: {precision.description}", file=sys.stderr)
     skipped: list[str] = []
     if a.images:
         names, items, skipped = decode_folder(a.images, IMAGE_EXTS, lambda b: decode_image(b, model.cfg.image_size))
@@ -97,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     if not items:
         raise ValueError(f"nothing to embed in {a.images or a.audio or a.text}"
                          + (f": all {len(skipped)} files were skipped (listed above)" if skipped else ""))
-    emb = embed_items(model, modality, items).numpy().astype(np.float32)
+    with precision.autocast(device):
+        emb = embed_items(model, modality, items)
+    # bf16 autocast normalises in bf16 (norms 1 +- 4e-3): the file holds unit float32 rows
+    emb = torch.nn.functional.normalize(emb.float(), dim=-1).numpy()
     np.save(a.out, emb)
     a.out.with_suffix(".names.txt").write_text("\n".join(names) + "\n")
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {a.out} ({len(skipped)} files skipped)")

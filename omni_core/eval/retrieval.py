@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from omni_core.model.omni import AUDIO, IMAGE, TEXT, OmniModel
+from omni_core.precision import add_precision_argument, resolve_precision
 from omni_core.recipes.contrastive import triplet_embeddings
 from omni_core.train.data import load_split
 from omni_core.train.trainer import load_trained
@@ -83,13 +84,19 @@ def format_table(metrics: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def evaluate(run_dir: str | Path, data: str | Path, loader: str = "auto", classify: bool = False) -> dict:
+def evaluate(run_dir: str | Path, data: str | Path, loader: str = "auto", classify: bool = False,
+             precision: str = "fp32") -> dict:
     """Retrieval in the six directions; with ``classify``, zero-shot shape and colour
-    classification of images and audio (:mod:`omni_core.eval.classify`) under "classify"."""
+    classification of images and audio (:mod:`omni_core.eval.classify`) under "classify".
+    ``precision`` (auto | fp32 | bf16, :mod:`omni_core.precision`) is the embedding passes'
+    autocast; the result names it."""
     model, _ = load_trained(run_dir)
     split = load_split(data, "eval", model.cfg.image_size, loader)
-    emb = embed_split(model, split.samples)
-    result = {**retrieval_metrics(emb), "num_eval": len(split.samples), "skipped": split.skipped}
+    chosen = resolve_precision(precision, next(model.parameters()).device)
+    with chosen.autocast(next(model.parameters()).device):
+        emb = embed_split(model, split.samples)
+    result = {**retrieval_metrics(emb), "num_eval": len(split.samples), "skipped": split.skipped,
+              "precision": chosen.name, "precision_reason": chosen.description}
     result["by_scene"] = scene_breakdown(emb, [s.text for s in split.samples])
     if classify:
         from omni_core.data.tokenizer import load_tokenizer
@@ -116,13 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classify", action="store_true",
                    help="also zero-shot shape/colour classification of images and audio with prompted class names")
     p.add_argument("--out", help="also write the JSON here")
+    add_precision_argument(p)
     a = p.parse_args(argv)
-    result = evaluate(a.run, a.data, a.loader, classify=a.classify)
+    result = evaluate(a.run, a.data, a.loader, classify=a.classify, precision=a.precision)
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     if a.json:
         print(json.dumps(result, indent=2))
     else:
+        print(f"precision: {result['precision_reason']}")
         print(format_table(directions(result)))
         if a.classify:
             print(format_classify(result["classify"]))
