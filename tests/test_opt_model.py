@@ -171,3 +171,18 @@ def test_errors_name_the_problem(model):
         small_config(image_size=48)
     with pytest.raises(ValueError, match="unknown OPT preset"):
         OptModel.from_preset("opt-huge")
+
+
+def test_decoding_runs_under_bf16_autocast_and_in_train_mode():
+    torch.manual_seed(0)
+    model = OptModel(small_config(dropout=0.1, dec_dropout=0.2))  # train mode, dropout on
+    text, image, audio = inputs(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        memory = model.encode(image=image.float())
+        for use_cache in (True, False):
+            dec = model.text_decoding(memory, use_cache)
+            state = dec.start(torch.tensor([0, 1]))
+            logits = dec.step(state, torch.full((2,), dec.bos_id))
+            logits = dec.step(state, logits.argmax(-1))
+            assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert model.training

@@ -224,8 +224,9 @@ class Attention(nn.Module):
                new: bool) -> torch.Tensor:
         """``x [B, 1, D]``; with ``new`` its own key/value is appended to the cache first (self-
         attention, causal); otherwise the cache is a fixed memory (cross-attention)."""
-        q = self.split(self.q(x))
-        k, v = self.kv(x) if new else (None, None)
+        dtype = k_cache.dtype  # under autocast the projections may come out in another precision
+        q = self.split(self.q(x)).to(dtype)
+        k, v = (t.to(dtype) for t in self.kv(x)) if new else (None, None)
         out = ops.attention_with_kvcache(q, k_cache, v_cache, lengths, k=k, v=v, causal=new)
         return self.out(out.flatten(-2))
 
@@ -379,7 +380,12 @@ class _Decoding:
             state.tokens = torch.cat([state.tokens, tokens[:, None]], dim=1)
             if not tokens.numel():
                 return self.memory.x.new_zeros(0, self.vocab_size).float()
-            logits = self.decoder(list(state.tokens.unbind(0)), self.memory.select(state.rows))
+            was_training = self.decoder.training
+            self.decoder.eval()  # decoding never drops out (the cached path has no dropout)
+            try:
+                logits = self.decoder(list(state.tokens.unbind(0)), self.memory.select(state.rows))
+            finally:
+                self.decoder.train(was_training)
             return logits.view(tokens.numel(), -1, self.vocab_size)[:, -1].float()
         return self._cached_step(state, tokens)
 
