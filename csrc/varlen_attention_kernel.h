@@ -77,7 +77,11 @@ struct View {
   bool causal;
   const T* table;  // nullptr: no bias
   const int32_t *lut, *modality, *position;
-  int64_t P;
+  int64_t P, NB;
+  // Set when a LUT entry the kernel reads is neither -1 nor a table row: the LUT is checked
+  // where it is read, not scanned whole on every call (it is [M, P, P]: 1.7M entries for
+  // 751 audio positions, scanned twice per layer it cost more than the attention itself).
+  mutable std::atomic<bool> bad_entry{false};
 
   explicit View(const Args& a)
       : q(a.q.data_ptr<T>()), k(a.k.data_ptr<T>()), v(a.v.data_ptr<T>()),
@@ -86,13 +90,24 @@ struct View {
         scale(static_cast<T>(a.scale)), causal(a.causal), table(a.table.defined() ? a.table.data_ptr<T>() : nullptr),
         lut(table ? a.lut.data_ptr<int32_t>() : nullptr),
         modality(table ? a.modality.data_ptr<int32_t>() : nullptr),
-        position(table ? a.position.data_ptr<int32_t>() : nullptr), P(table ? a.lut.size(1) : 0) {}
+        position(table ? a.position.data_ptr<int32_t>() : nullptr), P(table ? a.lut.size(1) : 0),
+        NB(table ? a.table.size(0) : 0) {}
 
   // The bias_table row of (query token tq, key token tk), or -1 when the pair gets none.
   int64_t bias_entry(int64_t tq, int64_t tk) const {
     const int32_t m = modality[tq];
     if (modality[tk] != m) return -1;
-    return lut[(static_cast<int64_t>(m) * P + position[tq]) * P + position[tk]];
+    const int64_t e = lut[(static_cast<int64_t>(m) * P + position[tq]) * P + position[tk]];
+    if (e < -1 || e >= NB) {
+      bad_entry.store(true, std::memory_order_relaxed);
+      return -1;
+    }
+    return e;
+  }
+
+  void check_entries() const {
+    TORCH_CHECK(!bad_entry.load(), "varlen_attention (native): bias_lut entries must be -1 (no bias) or in [0, ", NB,
+                ") (bias_table rows)");
   }
 };
 
@@ -294,6 +309,7 @@ void forward_impl(const Args& args, at::Tensor& out_t, at::Tensor& lse_t) {
       lse[t * H + h] = m[i] + std::log(l[i]);
     }
   });
+  w.check_entries();
 }
 
 template <typename T>
@@ -360,6 +376,7 @@ void backward_impl(const Args& args, const at::Tensor& out_t, const at::Tensor& 
       }
     }
   });
+  w.check_entries();
   if (want_dbias) {
     T* dtable = g.dtable.data_ptr<T>();
     for (const auto& part : dtables)

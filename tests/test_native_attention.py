@@ -244,6 +244,23 @@ def test_bad_input_is_rejected_before_running(bad, match):
                                                    cu_seqlens_k=args["cu_k"])
 
 
+def test_bad_lut_entry_is_an_error():
+    """The LUT is checked where the kernel reads it (not scanned whole per call): an entry
+    outside [-1, NB) that a pair reads is still an error, forward and backward."""
+    pack = make_pack([4, 3], 2, 8, "single", seed=7)
+    lut = pack["lut"].clone()
+    lut[pack["modality"][0], 1, 2] = pack["table"].shape[0]  # read by query 1, key 2 of the first sequence
+    with pytest.raises(RuntimeError, match="bias_lut entries"):
+        torch.ops.omni_native.varlen_attention_fwd(pack["q"], pack["k"], pack["v"], pack["cu"], 1.0, pack["table"], lut,
+                                                   pack["modality"], pack["position"])
+    out, lse = torch.ops.omni_native.varlen_attention_fwd(pack["q"], pack["k"], pack["v"], pack["cu"], 1.0,
+                                                          pack["table"], pack["lut"], pack["modality"],
+                                                          pack["position"])
+    with pytest.raises(RuntimeError, match="bias_lut entries"):
+        torch.ops.omni_native.varlen_attention_bwd(pack["dout"], pack["q"], pack["k"], pack["v"], out, lse, pack["cu"],
+                                                   1.0, pack["table"], lut, pack["modality"], pack["position"], True)
+
+
 AVX2_CHECK = """
 import torch
 from omni_core.ops import native_attention, varlen_attention_reference
