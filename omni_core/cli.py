@@ -10,6 +10,7 @@
     omni bench inference [--json]     embeddings/s per modality, packed vs padded batches
     omni bench attention [--json]     native CPU attention vs the torch reference
     omni data synth ...               generate the image–text–audio triplet dataset
+    omni vq train --data D --out V    train OPT's VQ image tokenizer (8x8 codes per image), eval PSNR
     omni pretrain ... / eval ... / embed ...
     omni convert one-peace CKPT --out DIR   a released ONE-PEACE checkpoint → DIR/model.safetensors
     omni export --run R [--out F]     consolidate a run's sharded checkpoint into one model file
@@ -40,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("omni_core.train.export", "main"),
     "demo": ("omni_core.demo", "main"),
     "bench data": ("omni_core.data.bench", "main"),
+    "vq train": ("omni_core.model.vq", "main"),
 }
 BENCH_FILES = {"packing": "packing.py", "kernels": "kernel_report.py", "scaling": "scaling.py",
                "inference": "inference.py",
