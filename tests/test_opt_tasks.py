@@ -355,3 +355,23 @@ def test_pretrain_opt_rejects_bad_options(dataset, tmp_path):
     with pytest.raises(FileNotFoundError, match="no VQ tokenizer"):
         train(TrainArgs(data=str(dataset), out=str(tmp_path / "c"), recipe="opt", preset="opt-tiny", steps=1,
                         vq=str(tmp_path / "missing")))
+
+
+def test_single_source_tasks_match_the_inference_encoding():
+    """The optional td_image / td_audio / id_text / id_audio tasks train exactly the condition
+    ``model.encode`` gives generation: one modality alone."""
+    model, samples = make_model(), make_samples(3)
+    recipe = OptRecipe(Tok(), FakeVQ(), tasks="td_image,td_audio,id_text,id_audio")
+    losses = recipe.losses(model, samples, torch.Generator().manual_seed(0))
+    captions = [s.token_ids for s in samples]
+    cap_in = [torch.cat([torch.tensor([2]), c[:-1]]) for c in captions]
+    codes = recipe.image_codes(model, torch.stack([s.image for s in samples]))
+    code_in = [torch.cat([torch.tensor([CODEBOOK]), c[:-1]]) for c in codes]
+    memories = {"image": model.encode(image=torch.stack([s.image for s in samples])),
+                "audio": model.encode(audio=[s.audio for s in samples]), "text": model.encode(text=captions)}
+    for name, source in (("td_image", "image"), ("td_audio", "audio")):
+        expected = decoder_loss(model.text_decoder(cap_in, memories[source]), torch.cat(captions))
+        torch.testing.assert_close(losses[name], expected)
+    for name, source in (("id_text", "text"), ("id_audio", "audio")):
+        expected = decoder_loss(model.image_decoder(code_in, memories[source]), codes.flatten())
+        torch.testing.assert_close(losses[name], expected)

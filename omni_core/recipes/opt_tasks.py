@@ -33,6 +33,10 @@ id        ``id``       image left out; p 0.3 text left out (audio 15%), p 0.3 au
 Region and frame masks (``mr``, ``ma``) mask every unit with probability 0.3, else each unit
 with probability 0.15 (at least one), as ``_get_img_mask_with_all`` / ``_get_audio_mask_with_all``.
 
+Optional tasks of ours (not in the default mix): ``td_image``, ``td_audio`` (the caption
+from the image alone / the speech alone) and ``id_text``, ``id_audio`` (the image codes from
+the caption alone / the speech alone) — the single-source conditions generation runs in.
+
 Add a task with :func:`register_task` (and a view with :func:`register_view`); then name it
 in ``--tasks``.
 """
@@ -186,8 +190,18 @@ def _id_view(v: ViewInputs, i: int, g: torch.Generator) -> View:
                                text_ids=text_ids, audio_mask=audio_mask))
 
 
+def _only(modality: int) -> ViewBuilder:
+    """A view of one unmasked modality alone (the optional single-source decoding tasks)."""
+
+    def build(v: ViewInputs, i: int, g: torch.Generator) -> View:
+        return View(i, TripletView(*(i if m == modality else None for m in (TEXT, IMAGE, AUDIO))))
+
+    return build
+
+
 for _name, _builder in (("mlm", _mlm_view), ("mr", _mr_view), ("ma", _ma_view), ("itm", _itm_view),
-                        ("td", _td_view), ("id", _id_view)):
+                        ("td", _td_view), ("id", _id_view), ("image_only", _only(IMAGE)),
+                        ("audio_only", _only(AUDIO)), ("text_only", _only(TEXT))):
     register_view(_name, _builder)
 
 
@@ -336,19 +350,24 @@ def _itm(ctx: StepContext) -> torch.Tensor:
     return F.cross_entropy(_upcast(logits), labels)
 
 
-def _td(ctx: StepContext) -> torch.Tensor:
-    cfg = ctx.model.cfg
-    captions = [ctx.token_ids[v.sample].long() for v in ctx.views["td"]]
-    inputs = [torch.cat([c.new_full((1,), cfg.bos_id), c[:-1]]) for c in captions]
-    return decoder_loss(ctx.decode(ctx.model.text_decoder, "td", inputs), torch.cat(captions))
+def _text_decoding(view: str) -> Callable[[StepContext], torch.Tensor]:
+    def loss(ctx: StepContext) -> torch.Tensor:
+        captions = [ctx.token_ids[v.sample].long() for v in ctx.views[view]]
+        inputs = [torch.cat([c.new_full((1,), ctx.model.cfg.bos_id), c[:-1]]) for c in captions]
+        return decoder_loss(ctx.decode(ctx.model.text_decoder, view, inputs), torch.cat(captions))
+
+    return loss
 
 
-def _id(ctx: StepContext) -> torch.Tensor:
-    codes = ctx.codes()
-    targets = [codes[v.sample] for v in ctx.views["id"]]
-    bos = ctx.model.cfg.codebook_size
-    inputs = [torch.cat([t.new_full((1,), bos), t[:-1]]) for t in targets]
-    return decoder_loss(ctx.decode(ctx.model.image_decoder, "id", inputs), torch.cat(targets))
+def _image_decoding(view: str) -> Callable[[StepContext], torch.Tensor]:
+    def loss(ctx: StepContext) -> torch.Tensor:
+        codes = ctx.codes()
+        targets = [codes[v.sample] for v in ctx.views[view]]
+        bos = ctx.model.cfg.codebook_size
+        inputs = [torch.cat([t.new_full((1,), bos), t[:-1]]) for t in targets]
+        return decoder_loss(ctx.decode(ctx.model.image_decoder, view, inputs), torch.cat(targets))
+
+    return loss
 
 
 for _task in (Task("mlm", "mlm", _mlm), Task("mrc", "mr", _mrc),
@@ -356,7 +375,14 @@ for _task in (Task("mlm", "mlm", _mlm), Task("mrc", "mr", _mrc),
               Task("mrct", "mr", lambda ctx: _contrast(_region_prediction(ctx))),
               Task("mafr", "ma", lambda ctx: _mse(_frame_prediction(ctx))),
               Task("mac", "ma", lambda ctx: _contrast(_frame_prediction(ctx))),
-              Task("itm", "itm", _itm), Task("td", "td", _td), Task("id", "id", _id)):
+              Task("itm", "itm", _itm), Task("td", "td", _text_decoding("td")),
+              Task("id", "id", _image_decoding("id")),
+              # ours, off by default: decoding from one source alone (what captioning from an
+              # image or from speech, and imagining from a caption or from speech, ask at inference)
+              Task("td_image", "image_only", _text_decoding("image_only")),
+              Task("td_audio", "audio_only", _text_decoding("audio_only")),
+              Task("id_text", "text_only", _image_decoding("text_only")),
+              Task("id_audio", "audio_only", _image_decoding("audio_only"))):
     register_task(_task)
 
 DEFAULT_TASKS = ("mlm", "mrc", "mrfr", "mrct", "mafr", "mac", "itm", "td", "id")
