@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH := torch==2.13.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test bench lint system-deps clean
+.PHONY: demo demo-opt test bench lint system-deps clean
 
 $(STAMP): requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*.cu)
 	@$(MAKE) --no-print-directory system-deps
@@ -23,6 +23,11 @@ system-deps:
 
 demo: $(STAMP)
 	$(PY) -m omni_core.cli demo
+
+# OPT: VQ image tokenizer + opt-tiny on the nine tasks in 10 training minutes, then captioning,
+# imagining and matching evaluated (runs/opt-demo/eval.json, runs/opt-demo/samples.png).
+demo-opt: $(STAMP)
+	$(PY) -m omni_core.cli demo --recipe opt
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests

@@ -11,6 +11,10 @@
     omni bench attention [--json]     native CPU attention vs the torch reference
     omni data synth ...               generate the image–text–audio triplet dataset
     omni vq train --data D --out V    train OPT's VQ image tokenizer (8x8 codes per image), eval PSNR
+    omni caption --run R --images DIR | --audio DIR [--beam N]   captions from an OPT run
+    omni imagine --run R --text "..." | --audio FILE --out x.png  an image from an OPT run
+    omni eval --recipe opt --run R [--json]   BLEU-4/CIDEr, attribute accuracy, colour match, matching R@1
+    omni demo --recipe opt            OPT: VQ tokenizer + opt-tiny pre-training (10 min) + eval
     omni pretrain ... / eval ... / embed ...
     omni convert one-peace CKPT --out DIR   a released ONE-PEACE checkpoint → DIR/model.safetensors
     omni export --run R [--out F]     consolidate a run's sharded checkpoint into one model file
@@ -42,7 +46,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("omni_core.demo", "main"),
     "bench data": ("omni_core.data.bench", "main"),
     "vq train": ("omni_core.model.vq", "main"),
+    "caption": ("omni_core.eval.generation", "caption_main"),
+    "imagine": ("omni_core.eval.generation", "imagine_main"),
 }
+# `omni eval --recipe opt` and `omni demo --recipe opt` are OPT's own modules.
+OPT_COMMANDS = {"eval": ("omni_core.eval.generation", "eval_main"), "demo": ("omni_core.demo_opt", "main")}
 BENCH_FILES = {"packing": "packing.py", "kernels": "kernel_report.py", "scaling": "scaling.py",
                "inference": "inference.py",
                "attention": "bench_native_attention.py"}
@@ -78,6 +86,16 @@ def model_info(argv: list[str]) -> int:
     return 0
 
 
+def _recipe(argv: list[str]) -> str | None:
+    """The value of --recipe in argv (either spelling), if any."""
+    for i, arg in enumerate(argv):
+        if arg == "--recipe" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--recipe="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -102,6 +120,9 @@ def _run(argv: list[str]) -> int:
         return plan_main(argv[2:])
     if argv[0] == "bench" and len(argv) > 1 and argv[1] in BENCH_FILES:
         return _benchmark_main(argv[1])(argv[2:])
+    if argv[0] in OPT_COMMANDS and _recipe(argv[1:]) == "opt":
+        module, attr = OPT_COMMANDS[argv[0]]
+        return getattr(importlib.import_module(module), attr)(argv[1:])
     for name, (module, attr) in COMMANDS.items():
         words = name.split()
         if argv[: len(words)] == words:
