@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import textwrap
 import time
 from pathlib import Path
 
@@ -44,7 +45,10 @@ def samples_figure(result: dict, data: Path, images: np.ndarray, out: Path, rows
     fig, axes = plt.subplots(len(held), cols, figsize=(4.2 * cols, 1.9 * len(held)), squeeze=False)
     for r, i in enumerate(held):
         c = caps[i]
-        panels = [(images[i], f"ref: {c['reference']}\nimage→ {c['image']}\naudio→ {c['audio']}")]
+        said = "\n".join(textwrap.shorten(f"{who}: {c[key]}", 70, placeholder=" …")
+                          for who, key in (("reference", "reference"), ("from image", "image"),
+                                           ("from audio", "audio")))
+        panels = [(images[i], said)]
         if imagined:
             panels += [(imagined["text"][i], "imagined from the caption"),
                        (imagined["audio"][i], "imagined from the audio")]
