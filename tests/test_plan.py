@@ -27,10 +27,18 @@ def test_budget_adds_up(preset):
     assert ac.max_tokens_per_gpu > 2 * p.max_tokens_per_gpu
 
 
-@pytest.mark.parametrize("preset,pairs,ac", [("tiny", 8, False), ("tiny", 8, True), ("small", 2, False)])
-def test_activation_estimate_matches_measured_cpu_peak(preset, pairs, ac):
-    peak, tokens, image_fraction = measured_activation_peak(preset, pairs, checkpoint_activations=ac)
-    estimate = cpu_activation_estimate(preset, tokens, image_fraction, ac)
+CALIBRATION = [("tiny", 8, False, 24, {}), ("tiny", 8, True, 24, {}), ("small", 2, False, 24, {})]
+# shapes the estimate's fitted term never saw: other token counts, caption lengths, widths, depths, images
+HELD_OUT = [("tiny", 16, False, 24, {}), ("tiny", 4, False, 60, {}), ("small", 2, True, 24, {}),
+            ("tiny", 6, False, 24, dict(dim=256, heads=4, ffn_hidden=768, depth=2)),
+            ("tiny", 8, True, 24, dict(depth=6)), ("tiny", 6, False, 24, dict(image_size=96)),
+            ("small", 3, False, 40, dict(depth=3))]
+
+
+@pytest.mark.parametrize("preset,pairs,ac,text_tokens,overrides", CALIBRATION + HELD_OUT)
+def test_activation_estimate_matches_measured_cpu_peak(preset, pairs, ac, text_tokens, overrides):
+    peak, tokens, image_fraction = measured_activation_peak(preset, pairs, text_tokens, ac, **overrides)
+    estimate = cpu_activation_estimate(preset, tokens, image_fraction, ac, **overrides)
     assert 0.75 <= estimate / peak <= 1.25, (estimate / 2**20, peak / 2**20)
 
 
