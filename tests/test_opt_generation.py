@@ -74,3 +74,12 @@ def test_bad_input(run: OptRun) -> None:
         text_ids(run.tokenizer, " ".join(["a red star on the left"] * 30))
     with pytest.raises(ValueError, match="empty"):
         text_ids(run.tokenizer, "")
+
+
+def test_cli_dispatches_opt_eval_and_demo() -> None:
+    from omni_core.cli import OPT_COMMANDS, _recipe
+
+    assert _recipe(["--run", "R", "--recipe", "opt"]) == "opt"
+    assert _recipe(["--recipe=opt"]) == "opt"
+    assert _recipe(["--run", "R"]) is None
+    assert OPT_COMMANDS["eval"] == ("omni_core.eval.generation", "eval_main")
