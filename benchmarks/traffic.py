@@ -500,6 +500,10 @@ def _phases(kernel: str, case: str, forward: Callable[[], torch.Tensor], inputs:
 
 
 def attention_cases(pack: str, dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:
+    """Cases ``<pack>-bias`` (the relative LUT in its compact ``[M, 2P-1]`` form, as the
+    op takes a relative LUT), ``<pack>-bias-dense`` (the same LUT as ``[M, P, P]``) and
+    ``<pack>-nobias``; forward and whole backward each."""
+    from omni_core.model.relpos import relative_lut
     from omni_core.ops import varlen_attention
 
     seqs = pack_sequences(pack, PACKS[pack])
@@ -507,17 +511,19 @@ def attention_cases(pack: str, dtype: torch.dtype = torch.bfloat16) -> list[dict
     T = int(cu[-1])
     max_len = max(sum(n for _, n in s) for s in seqs)
     rows = []
-    for bias in (True, False):
+    for bias in ("compact", "dense", None):
         g = torch.Generator().manual_seed(1)
         q, k, v = (torch.randn(T, SCALED_HEADS, HEAD_DIM, generator=g).to(dtype).requires_grad_() for _ in range(3))
         extra: dict[str, torch.Tensor] = {}
         if bias:
             lut, nb = _bias_lut(int(position.max()) + 1)
             extra = {"bias_table": (0.1 * torch.randn(nb, SCALED_HEADS, generator=g)).to(dtype).requires_grad_(),
-                     "bias_lut": lut, "modality": modality, "position": position}
+                     "bias_lut": relative_lut(lut) if bias == "compact" else lut,
+                     "modality": modality, "position": position}
         inputs = [q, k, v, cu, *extra.values()]
         note = f"{T} tokens, {len(seqs)} sequences, {SCALED_HEADS} of {HEADS} heads, head dim {HEAD_DIM}"
-        rows += _phases("varlen_attention", f"{pack}-{'bias' if bias else 'nobias'}",
+        case = {"compact": "bias", "dense": "bias-dense", None: "nobias"}[bias]
+        rows += _phases("varlen_attention", f"{pack}-{case}",
                         lambda q=q, k=k, v=v, extra=extra: varlen_attention(q, k, v, cu, max_len, **extra),
                         inputs, "bf16", note)
     return rows

@@ -3,8 +3,11 @@
 import torch
 
 
-def make_pack(lengths: list[int], H: int, D: int, bias: str | None, seed: int = 0) -> dict:
-    """Random inputs (fp32) for one pack; with a bias, a LUT with about 20% entries of -1."""
+def make_pack(lengths: list[int], H: int, D: int, bias: str | None, seed: int = 0, lut: str = "random") -> dict:
+    """Random inputs (fp32) for one pack; with a bias, a LUT with about 20% entries of -1:
+    ``lut="random"`` draws every (modality, query position, key position) entry; "relative"
+    draws one entry per (modality, position difference), as every LUT a model builds, and
+    gives it as ``[M, P, P]``; "compact" gives that LUT as ``[M, 2P-1]``."""
     g = torch.Generator().manual_seed(seed)
     T = sum(lengths)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
@@ -22,9 +25,13 @@ def make_pack(lengths: list[int], H: int, D: int, bias: str | None, seed: int = 
         modality += [first] * cut + [second] * (L - cut)
         position += list(range(cut)) + list(range(L - cut))
     P = max(lengths) + 2
-    lut = torch.randint(0, NB, (M, P, P), generator=g, dtype=torch.int32)
-    lut[torch.rand(M, P, P, generator=g) < 0.2] = -1
-    pack.update(table=torch.randn(NB, H, generator=g), lut=lut, modality=torch.tensor(modality),
+    shape = (M, P, P) if lut == "random" else (M, 2 * P - 1)
+    entries = torch.randint(0, NB, shape, generator=g, dtype=torch.int32)
+    entries[torch.rand(shape, generator=g) < 0.2] = -1
+    if lut == "relative":
+        pos = torch.arange(P)
+        entries = entries[:, pos[None, :] - pos[:, None] + P - 1]
+    pack.update(table=torch.randn(NB, H, generator=g), lut=entries, modality=torch.tensor(modality),
                 position=torch.tensor(position, dtype=torch.int32))
     return pack
 
@@ -44,7 +51,10 @@ def bias_grad_abs_sums(pack: dict, causal: bool = False) -> torch.Tensor:
     for start, end in zip(bounds[:-1], bounds[1:]):
         L = end - start
         mod, pos = modality[start:end].long(), position[start:end].long()
-        entry = lut[mod[:, None], pos[:, None], pos[None, :]].long()
+        if lut.dim() == 2:
+            entry = lut[mod[:, None], pos[None, :] - pos[:, None] + (lut.shape[1] - 1) // 2].long()
+        else:
+            entry = lut[mod[:, None], pos[:, None], pos[None, :]].long()
         keep = (mod[:, None] == mod[None, :]) & (entry >= 0)
         bias = (table[entry.clamp(min=0)] * keep[..., None]).permute(2, 0, 1).clone().requires_grad_()
         logits = torch.einsum("ihd,jhd->hij", q[start:end], k[start:end]) / q.shape[-1] ** 0.5 + bias

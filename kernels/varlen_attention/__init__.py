@@ -6,8 +6,9 @@ for the contract): packed ``q [Tq, H, Dh]`` split into sequences by ``cu_seqlens
 sequence b attends only to key sequence b, optionally with the bottom-right causal mask
 (row i sees key j iff ``j <= i + Lk - Lq``); query head h reads key head ``h // (H / Hk)``;
 when a bias is given (self-attention only), the logit of query ``i`` and key ``j`` gets
-``bias_table[bias_lut[m, pos[i], pos[j]], h]`` if both tokens carry modality ``m`` and
-that LUT entry is ``>= 0``.
+``bias_table[bias_lut[m, pos[i], pos[j]], h]`` (or, with the compact relative LUT
+``[M, 2P-1]``, ``bias_table[bias_lut[m, pos[j] - pos[i] + P - 1], h]``) if both tokens
+carry modality ``m`` and that LUT entry is ``>= 0``.
 
 How it works
 ------------
@@ -26,7 +27,9 @@ How it works
   so the group's gradients are summed in registers, without atomics or a reduction pass.
 * **Bias.** Gathered per tile: ``modality`` and ``position`` of the rows and columns index
   ``bias_lut``, whose entry indexes ``bias_table``. Neither ``[T, T]`` nor ``[H, L, L]`` is
-  ever materialised.
+  ever materialised. A tile without a same-modality pair (text rows against image keys of
+  a joint sequence) loads no LUT or table entry. The compact ``[M, 2P-1]`` LUT is O(P)
+  where ``[M, P, P]`` is O(P^2), so its gathers hit a few cache lines.
 * **Forward.** Online softmax in base 2 (``exp2`` is one instruction); the row
   log-sum-exp (base 2) is saved for the backward and returned (natural log) on request.
 * **Backward.** ``delta = rowsum(dO * O)``, then two kernels that recompute the
@@ -34,17 +37,11 @@ How it works
   the query blocks, one per query block accumulates ``dq`` over the key blocks and the bias
   gradient. Neither needs atomics for ``dq, dk, dv``. When ``bias_table`` needs no gradient
   the bias-gradient code is compiled out (``BIAS_GRAD=False``) and no scratch is allocated.
-* **Bias gradient, two modes.** ``fast`` (the default) adds each tile's ``dS`` into
-  ``d bias_table`` with fp32 atomics: one pass, no scratch memory, but the summation order
-  (and so the last bits of ``d bias_table``) changes from run to run. ``deterministic``
-  reduces each tile over its distinct LUT entries, in increasing order, into a private
-  partial row per query block (scratch ``[T // BLOCK_M + B + 1, NB, H]`` fp32), then sums
-  the rows: bit-identical across runs, but a tile costs one pass per distinct entry it
-  covers (a 1-D relative bias: up to BLOCK_M + BLOCK_N - 1; a 2-D image bias: hundreds).
-  The default is ``fast`` because it costs nothing beyond the atomics, ``dq, dk, dv`` are
-  deterministic in both modes, and the order noise in the small bias table is far below
-  the fp16/bf16 rounding of the rest of the step. ``torch.use_deterministic_algorithms(True)``
-  or ``OMNI_ATTN_BIAS_GRAD=deterministic`` selects ``deterministic``.
+* **Bias gradient: no atomics, deterministic.** The dq kernel reduces each tile's ``dS``
+  along its token diagonals (all pairs of a diagonal read one entry of a relative LUT),
+  merges diagonals that share an entry, and adds the sums into a private row per query
+  block; the rows are summed after the launch (``bias_grad.py``). Bit-identical from run to
+  run; flash-attn's ``deterministic=True`` is therefore always honoured.
 * **Head dims**: any multiple of 8 from 8 to 256, padded inside the kernel (masked loads and
   stores, no copies) to the next power of two, at least 16 (``tl.dot``'s minimum K). Why
   80 and 96 pad to 128 rather than split into 64+16 / 64+32 columns: a split needs two
@@ -65,7 +62,7 @@ Files
   helpers every kernel shares (sequence bounds, masks, bias gather, interpreter-safe dot/cast);
 * ``fwd.py`` — the forward kernel;
 * ``bwd.py`` — the dk/dv and dq backward kernels;
-* ``bias_grad.py`` — the bias-gradient accumulation (both modes) and its buffers;
+* ``bias_grad.py`` — the bias gradient: in-tile diagonal reduction, private rows, scratch;
 * ``configs.py`` — tile configs per head-dim tier, autotuning, the AOT report configs;
 * ``op.py`` — input checks, launchers, the ``torch.library`` custom ops, the public entry.
 
@@ -77,7 +74,6 @@ before any launch.
 
 from omni_core.kernels.varlen_attention.common import DTYPES, INTERPRET, LN2, LOG2E, MAX_HEAD_DIM
 from omni_core.kernels.varlen_attention.configs import aot_configs
-from omni_core.kernels.varlen_attention.op import bias_grad_mode, bias_grad_mode_override, varlen_attention_triton
+from omni_core.kernels.varlen_attention.op import varlen_attention_triton
 
-__all__ = ["DTYPES", "INTERPRET", "LN2", "LOG2E", "MAX_HEAD_DIM", "aot_configs", "bias_grad_mode",
-           "bias_grad_mode_override", "varlen_attention_triton"]
+__all__ = ["DTYPES", "INTERPRET", "LN2", "LOG2E", "MAX_HEAD_DIM", "aot_configs", "varlen_attention_triton"]

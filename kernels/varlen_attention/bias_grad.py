@@ -3,92 +3,86 @@ Varlen attention, the bias gradient
 ===================================
 
 ``d bias_table[e, h]`` is the sum of ``dS`` over every (query, key) pair of head h whose
-bias reads entry e. The dq kernel calls :func:`_accumulate_bias_grad` once per tile with
-the tile's entries (-1 where no bias applies) and ``dS``. Two modes:
+bias reads entry e. Summed naively, with one fp32 atomic per pair, the learned relative
+bias is the worst case for atomics: a log-bucket LUT sends most far-apart pairs to a few
+table rows, so thousands of atomics queue on one address. Here there are none:
 
-* ``fast`` (the default): fp32 atomics into ``[NB, H]``; the summation order (the last
-  bits) changes from run to run.
-* ``deterministic``: the tile is reduced per distinct entry, in increasing entry order,
-  into a private partial row per query block (scratch ``[rows, NB, H]``), and the rows are
-  summed after the launch: bit-identical across runs.
+1. **Reduce inside the tile, along token diagonals.** Every relative LUT the project builds
+   gives a pair's entry from its position difference, and inside one modality segment
+   positions advance with the tokens: all pairs on one diagonal ``j - i`` of a tile read
+   one entry. The dq kernel skews its ``[BLOCK_M, BLOCK_N]`` tile of ``dS`` (``tl.gather``)
+   so that diagonal ``t = j - i + BLOCK_M - 1`` becomes column t, and sums each column per
+   entry: a pass takes, on every diagonal, the smallest entry not yet summed. Diagonals
+   that cross a segment boundary, or the CLS row and column, hold two or three entries,
+   hence two or three passes; a 2-D (BEiT) image LUT has two entries per diagonal of
+   row-major patches. The loop runs over the entries *of a diagonal*, not of the tile
+   (an arbitrary LUT is still exact, with up to BLOCK_M passes).
+2. **Merge equal entries across diagonals** (far diagonals share a log bucket): a
+   ``[W, W]`` comparison sums every diagonal's partial into the first diagonal carrying
+   the same entry, so each entry is written once per pass.
+3. **Private rows, then one reduction.** Each query block adds its partials into its own
+   fp32 row of a ``[rows, NB, H]`` scratch (row ``start // BLOCK_M + b + qb``: one writer,
+   program order, so a read-modify-write needs no atomic); after the launch the rows are
+   summed (a torch reduction, deterministic). The gradient is bit-identical from run to
+   run; the scratch is ``(T / BLOCK_M + B + 1) * NB * H * 4`` bytes, zero-filled.
 
-``torch.use_deterministic_algorithms(True)``, ``OMNI_ATTN_BIAS_GRAD=deterministic`` or
-:func:`bias_grad_mode_override` (flash-attn's ``deterministic=True``) select the second.
+The work is skipped for tiles without a biased pair, and the whole gradient is compiled out
+(``BIAS_GRAD=False``) when ``bias_table`` needs none.
 """
 
 from __future__ import annotations
-
-import contextlib
-import contextvars
-import os
-from collections.abc import Iterator
 
 import torch
 import triton
 import triton.language as tl
 
+_NO_ENTRY = tl.constexpr(2147483647)  # larger than any entry: "nothing left on this diagonal"
+
 
 @triton.jit
-def _accumulate_bias_grad(DBias, entry, ds, h, H, NB, DETERMINISTIC: tl.constexpr):
-    """Add the tile's ``ds`` into the bias gradient: per entry in order into this query
-    block's private row (DETERMINISTIC), else one fp32 atomic per biased pair."""
-    if DETERMINISTIC:
-        # Visit the tile's distinct entries in increasing order; padding and
-        # unbiased pairs hold entry -1 (or NB) and are skipped.
-        ent = tl.where(entry >= 0, entry, NB)
-        e = tl.min(tl.min(ent, 1), 0)
-        while e < NB:
-            hit = ent == e
-            part = tl.sum(tl.sum(tl.where(hit, ds, 0.0), 1), 0)
-            slot = DBias + e * H + h
-            tl.store(slot, tl.load(slot) + part)
-            tl.debug_barrier()  # the next tile's read-modify-write must see this store
-            ent = tl.where(hit, NB, ent)
-            e = tl.min(tl.min(ent, 1), 0)
-    else:
-        tl.atomic_add(DBias + entry.to(tl.int64) * H + h, ds, mask=entry >= 0, sem="relaxed")
+def _accumulate_bias_grad(DBias, entry, ds, h, H, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Add the tile's ``ds`` (fp32 ``[BLOCK_M, BLOCK_N]``, ``entry`` -1 where no bias
+    applies) into this query block's private row ``DBias [NB, H]``, per entry, no atomics."""
+    if tl.max(tl.max(entry, 1), 0) >= 0:
+        W: tl.constexpr = 2 * max(BLOCK_M, BLOCK_N)  # diagonals t = j - i + BLOCK_M - 1 < W
+        rows = tl.arange(0, BLOCK_M)
+        diag = tl.arange(0, W)
+        col = diag[None, :] + rows[:, None] - (BLOCK_M - 1)  # [BLOCK_M, W]: key of (row, diagonal)
+        inside = (col >= 0) & (col < BLOCK_N)
+        col = tl.where(inside, col, 0)
+        ent = tl.where(inside, tl.gather(entry, col, 1), -1)
+        val = tl.where(inside, tl.gather(ds, col, 1), 0.0)
+        ent = tl.where(ent >= 0, ent, _NO_ENTRY)
+        first = tl.min(ent, 0)  # [W]: smallest entry left on each diagonal
+        while tl.min(first, 0) < _NO_ENTRY:
+            hit = ent == first[None, :]
+            part = tl.sum(tl.where(hit, val, 0.0), 0)
+            # Diagonals sharing an entry: the first of them writes the sum of all.
+            same = first[:, None] == first[None, :]
+            total = tl.sum(tl.where(same, part[None, :], 0.0), 1)
+            earlier = tl.sum((same & (diag[None, :] < diag[:, None])).to(tl.int32), 1)
+            write = (first < _NO_ENTRY) & (earlier == 0)
+            slot = DBias + tl.where(write, first, 0) * H + h
+            tl.store(slot, tl.load(slot, mask=write, other=0.0) + total, mask=write)
+            tl.debug_barrier()  # the next read-modify-write of this row must see these stores
+            ent = tl.where(hit, _NO_ENTRY, ent)
+            first = tl.min(ent, 0)
 
 
-def bias_grad_buffer(T: int, B: int, NB: int, H: int, min_block_m: int, bias_grad: bool, deterministic: bool,
+def bias_grad_buffer(T: int, B: int, NB: int, H: int, min_block_m: int, bias_grad: bool,
                      device: torch.device) -> torch.Tensor:
-    """Zeroed fp32 accumulator the dq kernel writes: ``[NB, H]`` (fast), ``[rows, NB, H]``
-    with one private row per query block (deterministic: row ``start // BLOCK_M + b + qb``
-    is below ``T // BLOCK_M + B + 1``), or a 1-element dummy without a bias gradient."""
-    if deterministic:
-        return torch.zeros((T // min_block_m + B + 1, NB, H), dtype=torch.float32, device=device)
-    return torch.zeros((NB if bias_grad else 1, H), dtype=torch.float32, device=device)
+    """Zeroed fp32 scratch of the dq kernel: one ``[NB, H]`` row per query block (row
+    ``start // BLOCK_M + b + qb`` is below ``T // BLOCK_M + B + 1``), or a 1-element dummy
+    without a bias gradient."""
+    if not bias_grad:
+        return torch.zeros(1, dtype=torch.float32, device=device)
+    rows = T // min_block_m + B + 1
+    if rows * NB * H >= 2**31:
+        raise ValueError(f"the bias-gradient scratch ({rows} x {NB} x {H}) needs int32 offsets: fewer tokens, "
+                         "table rows or heads per call")
+    return torch.zeros((rows, NB, H), dtype=torch.float32, device=device)
 
 
-def finish_bias_grad(buffer: torch.Tensor, deterministic: bool, dtype: torch.dtype) -> torch.Tensor:
-    """``d bias_table`` from the accumulator: the private rows summed (deterministic)."""
-    return (buffer.sum(0) if deterministic else buffer).to(dtype)
-
-
-_MODE_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("bias_grad_mode", default=None)
-
-
-@contextlib.contextmanager
-def bias_grad_mode_override(mode: str) -> Iterator[None]:
-    """Calls made inside use ``mode`` for their bias gradient (flash-attn's
-    ``deterministic=True``); the mode is fixed at the forward call, not at backward."""
-    if mode not in ("fast", "deterministic"):
-        raise ValueError(f"bias gradient mode {mode!r}: expected 'fast' or 'deterministic'")
-    token = _MODE_OVERRIDE.set(mode)
-    try:
-        yield
-    finally:
-        _MODE_OVERRIDE.reset(token)
-
-
-def bias_grad_mode() -> str:
-    """The mode set by :func:`bias_grad_mode_override`, else ``"deterministic"`` when
-    ``torch.use_deterministic_algorithms(True)`` is on or ``OMNI_ATTN_BIAS_GRAD=deterministic``;
-    otherwise ``"fast"`` (atomics, the default)."""
-    if _MODE_OVERRIDE.get() is not None:
-        return _MODE_OVERRIDE.get()
-    forced = os.environ.get("OMNI_ATTN_BIAS_GRAD", "").strip().lower()
-    if forced not in ("", "fast", "deterministic"):
-        raise ValueError(f"OMNI_ATTN_BIAS_GRAD={forced!r}: expected 'fast' or 'deterministic'")
-    if forced:
-        return forced
-    return "deterministic" if torch.are_deterministic_algorithms_enabled() else "fast"
+def finish_bias_grad(scratch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``d bias_table``: the private rows summed."""
+    return scratch.sum(0).to(dtype)

@@ -55,11 +55,21 @@ def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _bias_tile(Table, Lut, mod_q, pos_q, mod_k, pos_k, h, H, P):
+def _bias_tile(Table, Lut, mod_q, pos_q, mod_k, pos_k, h, H, P, LUT_REL: tl.constexpr):
     """Bias of a tile from broadcastable row/column ids; returns (entry, bias) with
-    entry = -1 where no bias applies (other modality, LUT entry -1, or padding)."""
-    # int32 offsets (the launcher checks M*P*P and NB*H fit) keep register pressure low.
-    entry = tl.load(Lut + (mod_q * P * P + pos_q * P + pos_k), mask=mod_q == mod_k, other=-1)
+    entry = -1 where no bias applies (other modality, LUT entry -1, or padding).
+
+    The LUT is ``[M, P, P]`` indexed by (modality, query position, key position), or with
+    ``LUT_REL`` the compact ``[M, 2P-1]`` indexed by (modality, key - query position + P - 1).
+    Loads are masked to same-modality pairs, so a tile without one (text rows against image
+    keys of a joint sequence) issues no LUT or table load. (A branch around the whole
+    gather would skip the address math too, but it costs registers: the forward spilled.)"""
+    # int32 offsets (the launcher checks the LUT and table sizes fit) keep register pressure low.
+    if LUT_REL:
+        offs = mod_q * (2 * P - 1) + (pos_k - pos_q + (P - 1))
+    else:
+        offs = mod_q * P * P + pos_q * P + pos_k
+    entry = tl.load(Lut + offs, mask=mod_q == mod_k, other=-1)
     bias = tl.load(Table + (entry * H + h), mask=entry >= 0, other=0.0)
     return entry, bias.to(tl.float32)
 

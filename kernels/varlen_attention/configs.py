@@ -48,19 +48,20 @@ DQ_CONFIGS = {
     ("fp32", 128): [(32, 32, 8, 1)],
     ("fp32", 256): [(16, 16, 4, 1)],
 }
-# The deterministic bias gradient's entry loop costs registers: its own spill-free list.
-DQ_DETERMINISTIC_CONFIGS = {
-    ("half", 64): [(64, 32, 4, 2)],
-    ("half", 128): [(64, 64, 8, 2)],
+# The bias gradient's skewed [BLOCK_M, W] tiles and [W, W] merge (W = 2 max(BLOCK_M, BLOCK_N),
+# bias_grad.py) cost registers: 64-row tiles spill (2.7 KB at 64x32 on sm_80), so its list
+# keeps 32 rows, which sm_90 runs as HMMA (warpgroup MMA needs 64).
+DQ_BIAS_GRAD_CONFIGS = {
+    ("half", 64): [(32, 32, 4, 2)],  # 32 x 64 spills 60 B at D=16 on sm_80
+    ("half", 128): [(32, 64, 8, 2), (32, 32, 8, 1)],
     ("half", 256): [(32, 32, 8, 1)],
     ("fp32", 64): [(16, 32, 4, 1)],
-    ("fp32", 128): [(32, 32, 8, 1)],
+    ("fp32", 128): [(16, 32, 8, 1)],
     ("fp32", 256): [(16, 16, 4, 1)],
 }
 # Under the interpreter: one config (autotuning needs a GPU timer), large blocks because
 # the interpreter's cost is per block step.
 INTERPRET_CONFIG = (64, 64, 4, 1)
-
 
 
 def _tier(head_dim: int, dtype: str) -> tuple[str, int]:
@@ -79,12 +80,13 @@ def _autotuned(fn, table: dict[tuple[str, int], list[tuple[int, int, int, int]]]
     return tuned
 
 
-_KEY = ["HEAD_DIM", "HAS_BIAS", "CAUSAL"]
+_KEY = ["HEAD_DIM", "HAS_BIAS", "LUT_REL", "CAUSAL"]
 _fwd = _autotuned(_fwd_kernel, FWD_CONFIGS, key=_KEY)
 _bwd_dkdv = _autotuned(_bwd_dkdv_kernel, DKDV_CONFIGS, key=_KEY)
+# Keyed by whether the dq kernel also accumulates the bias gradient.
 _bwd_dq = {
-    False: _autotuned(_bwd_dq_kernel, DQ_CONFIGS, key=[*_KEY, "BIAS_GRAD"], reset_to_zero=["DBias"]),
-    True: _autotuned(_bwd_dq_kernel, DQ_DETERMINISTIC_CONFIGS, key=_KEY, reset_to_zero=["DBias"]),
+    False: _autotuned(_bwd_dq_kernel, DQ_CONFIGS, key=_KEY),
+    True: _autotuned(_bwd_dq_kernel, DQ_BIAS_GRAD_CONFIGS, key=_KEY, reset_to_zero=["DBias"]),
 }
 
 
@@ -110,10 +112,10 @@ def _reference_cost(head_dim: int, elem: int, backward: bool, causal: bool) -> t
 
 
 def aot_configs() -> list[AotConfig]:
-    """Every autotune config x {fp16, bf16, fp32} x head dim: forward, dk/dv, and dq with
-    each bias-gradient mode (``_det`` = deterministic), all with the bias on (its gather
-    costs registers); plus the causal variants without a bias (the decoder case), labelled
-    ``causal``."""
+    """Every autotune config x {fp16, bf16, fp32} x head dim: forward, dk/dv, dq, and dq with
+    the bias gradient (``_bias_grad``), all with the bias on (compact relative LUT; its
+    gather costs registers); plus the causal variants without a bias (the decoder case),
+    labelled ``causal``."""
     configs: list[AotConfig] = []
     for dtype in ("fp16", "bf16", "fp32"):
         elem = 4 if dtype == "fp32" else 2
@@ -121,19 +123,16 @@ def aot_configs() -> list[AotConfig]:
             kernels = (
                 ("varlen_attention_fwd", _fwd_kernel, FWD_CONFIGS, {}, False),
                 ("varlen_attention_bwd_dkdv", _bwd_dkdv_kernel, DKDV_CONFIGS, {}, True),
-                ("varlen_attention_bwd_dq", _bwd_dq_kernel, DQ_CONFIGS, {"DETERMINISTIC": False}, True),
-                ("varlen_attention_bwd_dq_det", _bwd_dq_kernel, DQ_DETERMINISTIC_CONFIGS,
-                 {"DETERMINISTIC": True}, True),
+                ("varlen_attention_bwd_dq", _bwd_dq_kernel, DQ_CONFIGS, {"BIAS_GRAD": False}, True),
+                ("varlen_attention_bwd_dq_bias_grad", _bwd_dq_kernel, DQ_BIAS_GRAD_CONFIGS, {"BIAS_GRAD": True},
+                 True),
             )
             for causal in (False, True):
                 common = {"HEAD_DIM": head_dim, "D_PAD": _d_pad(head_dim), "HAS_BIAS": not causal,
-                          "CAUSAL": causal, "UPCAST": False, "IEEE": dtype == "fp32"}
-                for name, fn, tuned, extra_consts, backward in kernels:
-                    if causal and name.endswith("_det"):
-                        continue  # without a bias there is no bias gradient to make deterministic
-                    extra = dict(extra_consts)
-                    if fn is _bwd_dq_kernel:
-                        extra["BIAS_GRAD"] = not causal
+                          "LUT_REL": not causal, "CAUSAL": causal, "UPCAST": False, "IEEE": dtype == "fp32"}
+                for name, fn, tuned, extra, backward in kernels:
+                    if causal and name.endswith("_bias_grad"):
+                        continue  # without a bias there is no bias gradient
                     flops, nbytes = _reference_cost(head_dim, elem, backward, causal)
                     for bm, bn, warps, stages in tuned[_tier(head_dim, dtype)]:
                         consts = {**common, **extra, "BLOCK_M": bm, "BLOCK_N": bn}

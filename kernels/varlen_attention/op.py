@@ -13,15 +13,10 @@ import math
 
 import torch
 import triton
-from omni_core.kernels.varlen_attention.bias_grad import (
-    bias_grad_buffer,
-    bias_grad_mode,
-    bias_grad_mode_override,
-    finish_bias_grad,
-)
+from omni_core.kernels.varlen_attention.bias_grad import bias_grad_buffer, finish_bias_grad
 from omni_core.kernels.varlen_attention.common import DTYPES, INTERPRET, LN2, LOG2E, MAX_HEAD_DIM, _d_pad
 from omni_core.kernels.varlen_attention.configs import (
-    DQ_DETERMINISTIC_CONFIGS,
+    DQ_BIAS_GRAD_CONFIGS,
     INTERPRET_CONFIG,
     _bwd_dkdv,
     _bwd_dq,
@@ -29,7 +24,7 @@ from omni_core.kernels.varlen_attention.configs import (
     _tier,
 )
 
-__all__ = ["bias_grad_mode", "bias_grad_mode_override", "varlen_attention_triton"]
+__all__ = ["varlen_attention_triton"]
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -62,6 +57,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.
                          "with cu_seqlens_k (cross-attention)")
     if given and len(given) != 4:
         raise ValueError("the bias needs bias_table, bias_lut, modality and position together")
+    if given and not (given[1].dim() == 3 or (given[1].dim() == 2 and given[1].shape[1] % 2 == 1)):
+        raise ValueError(f"bias_lut must be [M, P, P] or the compact relative [M, 2P-1], got "
+                         f"{tuple(given[1].shape)}")
     if given and (given[1].numel() >= 2**31 or given[0].numel() >= 2**31):
         raise ValueError("bias_lut and bias_table must each hold fewer than 2**31 entries (int32 offsets)")
     extra = [cu_seqlens_k] if cu_seqlens_k is not None else []
@@ -84,13 +82,17 @@ def _strides(t: torch.Tensor) -> tuple[int, int]:
 
 
 def _bias_args(bias_table, bias_lut, modality, position, like: torch.Tensor):
-    """Kernel bias arguments; dummies (never read) when there is no bias."""
+    """Kernel bias arguments (table, lut, modality, position, P) and the constexprs
+    HAS_BIAS, LUT_REL; dummies (never read) when there is no bias. P is the number of
+    positions: ``[M, P, P]`` or, compact, ``[M, 2P-1]``."""
     if bias_table is None:
         dummy_f = like.new_empty(1, dtype=torch.float32)
         dummy_i = like.new_empty(1, dtype=torch.int32)
-        return dummy_f, dummy_i, dummy_i, dummy_i, 1, False
-    return (bias_table.contiguous(), bias_lut.contiguous(), modality.to(torch.int32).contiguous(),
-            position.contiguous(), bias_lut.shape[1], True)
+        return (dummy_f, dummy_i, dummy_i, dummy_i, 1), {"HAS_BIAS": False, "LUT_REL": False}
+    relative = bias_lut.dim() == 2
+    P = (bias_lut.shape[1] + 1) // 2 if relative else bias_lut.shape[1]
+    return ((bias_table.contiguous(), bias_lut.contiguous(), modality.to(torch.int32).contiguous(),
+             position.contiguous(), P), {"HAS_BIAS": True, "LUT_REL": relative})
 
 
 def _launch_fwd(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, scale, causal, bias_table, bias_lut, modality,
@@ -101,7 +103,7 @@ def _launch_fwd(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, scale, causal, bi
     lse = _empty((H, T), torch.float32, q.device)
     if T == 0 or max_seqlen == 0:
         return out, lse
-    table, lut, mod, pos, P, has_bias = _bias_args(bias_table, bias_lut, modality, position, q)
+    (table, lut, mod, pos, P), bias_flags = _bias_args(bias_table, bias_lut, modality, position, q)
 
     def grid(meta):
         return (triton.cdiv(max_seqlen, meta["BLOCK_M"]), B, H)
@@ -110,14 +112,14 @@ def _launch_fwd(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, scale, causal, bi
         q, k, v, out, lse, cu_seqlens, cu_seqlens_k, table, lut, mod, pos,
         scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         T, H, P, H // k.shape[1],
-        HEAD_DIM=Dh, D_PAD=_d_pad(Dh), HAS_BIAS=has_bias, CAUSAL=causal,
+        HEAD_DIM=Dh, D_PAD=_d_pad(Dh), **bias_flags, CAUSAL=causal,
         UPCAST=INTERPRET, IEEE=q.dtype == torch.float32,
     )
     return out, lse
 
 
 def _launch_bwd(do, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, scale, causal,
-                bias_table, bias_lut, modality, position, bias_grad, deterministic):
+                bias_table, bias_lut, modality, position, bias_grad):
     T, H, Dh = q.shape
     B = cu_seqlens.numel() - 1
     do = do.contiguous()
@@ -125,14 +127,13 @@ def _launch_bwd(do, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, max_seqlen, max
     dk, dv = (_empty(k.shape, k.dtype, k.device) for _ in range(2))
     # delta_i = rowsum(dO_i * O_i): one elementwise pass, laid out [H, T] like the lse.
     delta = (do.float() * out.float()).sum(-1).transpose(0, 1).contiguous()
-    table, lut, mod, pos, P, has_bias = _bias_args(bias_table, bias_lut, modality, position, q)
-    bias_grad = has_bias and bias_grad
-    NB = table.shape[0] if has_bias else 1
+    (table, lut, mod, pos, P), bias_flags = _bias_args(bias_table, bias_lut, modality, position, q)
+    bias_grad = bias_flags["HAS_BIAS"] and bias_grad
+    NB = table.shape[0] if bias_flags["HAS_BIAS"] else 1
     tier = _tier(Dh, DTYPES[q.dtype])
-    deterministic = bias_grad and deterministic
-    configs = [INTERPRET_CONFIG] if INTERPRET else DQ_DETERMINISTIC_CONFIGS[tier]
-    dbias_buf = bias_grad_buffer(T, B, NB, H, min(c[0] for c in configs), bias_grad, deterministic, q.device)
-    common = dict(HEAD_DIM=Dh, D_PAD=_d_pad(Dh), HAS_BIAS=has_bias, CAUSAL=causal, UPCAST=INTERPRET,
+    configs = [INTERPRET_CONFIG] if INTERPRET else DQ_BIAS_GRAD_CONFIGS[tier]
+    dbias_scratch = bias_grad_buffer(T, B, NB, H, min(c[0] for c in configs), bias_grad, q.device)
+    common = dict(HEAD_DIM=Dh, D_PAD=_d_pad(Dh), **bias_flags, CAUSAL=causal, UPCAST=INTERPRET,
                   IEEE=q.dtype == torch.float32)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     group = H // k.shape[1]
@@ -142,15 +143,13 @@ def _launch_bwd(do, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, max_seqlen, max
             scale * LOG2E, scale, *strides, T, H, P, group, **common,
         )
     if T > 0 and max_seqlen > 0:
-        _bwd_dq[deterministic][tier][lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), B, H)](
-            q, k, v, do, dq, lse, delta, cu_seqlens, cu_seqlens_k, table, lut, mod, pos, dbias_buf,
-            scale * LOG2E, scale, *strides, T, H, P, group, NB, BIAS_GRAD=bias_grad,
-            DETERMINISTIC=deterministic, **common,
+        _bwd_dq[bias_grad][tier][lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), B, H)](
+            q, k, v, do, dq, lse, delta, cu_seqlens, cu_seqlens_k, table, lut, mod, pos, dbias_scratch,
+            scale * LOG2E, scale, *strides, T, H, P, group, NB, BIAS_GRAD=bias_grad, **common,
         )
     if not bias_grad:
         return dq, dk, dv, q.new_empty(0)
-    return dq, dk, dv, finish_bias_grad(dbias_buf, deterministic, bias_table.dtype)
-
+    return dq, dk, dv, finish_bias_grad(dbias_scratch, bias_table.dtype)
 
 
 @torch.library.custom_op("omni_core::varlen_attention", mutates_args=())
@@ -175,18 +174,18 @@ def _varlen_attention_backward_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, cu_seqlens: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen: int, max_seqlen_k: int,
     softmax_scale: float, causal: bool, bias_table: torch.Tensor | None, bias_lut: torch.Tensor | None,
-    modality: torch.Tensor | None, position: torch.Tensor | None, bias_grad: bool, deterministic: bool,
+    modality: torch.Tensor | None, position: torch.Tensor | None, bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: (dq, dk, dv, d bias_table); d bias_table is empty without a bias or when
     ``bias_grad`` is off (bias_table needs no gradient: the bias-gradient work is skipped)."""
     return _launch_bwd(do, q.contiguous(), k.contiguous(), v.contiguous(), out, lse, cu_seqlens, cu_seqlens_k,
                        max_seqlen, max_seqlen_k, softmax_scale, causal, bias_table, bias_lut, modality, position,
-                       bias_grad, deterministic)
+                       bias_grad)
 
 
 @_varlen_attention_backward_op.register_fake
 def _(do, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, softmax_scale, causal,
-      bias_table, bias_lut, modality, position, bias_grad, deterministic):
+      bias_table, bias_lut, modality, position, bias_grad):
     dbias = torch.empty_like(bias_table) if bias_table is not None and bias_grad else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
@@ -198,7 +197,6 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, cu_seqlens_k, bias_table, bias_lut, modality, position)
     ctx.max_seqlen, ctx.max_seqlen_k, ctx.scale, ctx.causal = max_seqlen, max_seqlen_k, scale, causal
-    ctx.deterministic = bias_grad_mode() == "deterministic"  # chosen at the forward call
 
 
 def _backward(ctx, dout, _dlse):
@@ -206,7 +204,7 @@ def _backward(ctx, dout, _dlse):
     bias_grad = bias_table is not None and ctx.needs_input_grad[9]
     dq, dk, dv, dbias = _varlen_attention_backward_op(
         dout, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, ctx.max_seqlen, ctx.max_seqlen_k, ctx.scale,
-        ctx.causal, bias_table, bias_lut, modality, position, bias_grad, ctx.deterministic)
+        ctx.causal, bias_table, bias_lut, modality, position, bias_grad)
     return dq, dk, dv, None, None, None, None, None, None, (dbias if bias_grad else None), None, None, None
 
 
@@ -246,4 +244,4 @@ def varlen_attention_triton(
     return (out, lse * LN2) if return_lse else out
 
 
-varlen_attention_triton.modes = frozenset({"causal", "cross", "gqa", "lse"})
+varlen_attention_triton.modes = frozenset({"causal", "cross", "gqa", "lse", "relative_lut"})

@@ -8,15 +8,13 @@
 * :func:`flash_attn_func` — padded ``[B, L, H, Dh]`` batches.
 * :func:`flash_attn_with_kvcache` — decoding over a KV cache (no rotary, no paging).
 
-``deterministic=True`` makes the bias gradient deterministic for that call (dq, dk, dv are
-deterministic anyway). Features omni-core does not implement — dropout, sliding windows,
-softcap, ALiBi, paged KV caches (``block_table``), rotary embedding inside the call, cache
-index remapping — raise ``NotImplementedError`` naming them.
+``deterministic=True`` is accepted; it needs nothing: the Triton kernel's gradients, the bias
+gradient included, are deterministic (no atomics). Features omni-core does not implement —
+dropout, sliding windows, softcap, ALiBi, paged KV caches (``block_table``), rotary embedding
+inside the call, cache index remapping — raise ``NotImplementedError`` naming them.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 
@@ -37,16 +35,6 @@ def _common_refusals(dropout_p: float, window_size, softcap: float, alibi_slopes
         "softcap": softcap != 0.0,
         "alibi_slopes": alibi_slopes is not None,
     }
-
-
-def _deterministic(on: bool):
-    """Context in which the backward of the calls made inside uses the deterministic bias
-    gradient (only the Triton kernel has a non-deterministic one)."""
-    if not on:
-        return contextlib.nullcontext()
-    from omni_core.kernels.varlen_attention import bias_grad_mode_override
-
-    return bias_grad_mode_override("deterministic")
 
 
 def _same_pack(q: torch.Tensor, k: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor) -> bool:
@@ -88,10 +76,9 @@ def flash_attn_varlen_func(
     cross = {}
     if not _same_pack(q, k, cu_seqlens_q, cu_seqlens_k):
         cross = {"cu_seqlens_k": cu_seqlens_k, "max_seqlen_k": max_seqlen_k}
-    with _deterministic(deterministic):
-        result = varlen_attention(q, k, v, cu_seqlens_q, max_seqlen_q, softmax_scale=softmax_scale, causal=causal,
-                                  bias_table=bias_table, bias_lut=bias_lut, modality=modality, position=position,
-                                  return_lse=return_attn_probs, **cross)
+    result = varlen_attention(q, k, v, cu_seqlens_q, max_seqlen_q, softmax_scale=softmax_scale, causal=causal,
+                              bias_table=bias_table, bias_lut=bias_lut, modality=modality, position=position,
+                              return_lse=return_attn_probs, **cross)
     if return_attn_probs:
         out, lse = result
         return out, lse, None
@@ -135,10 +122,9 @@ def flash_attn_func(
         raise ValueError(f"q and k batch sizes differ: {B} vs {k.shape[0]}")
     cu_q = _uniform_cu_seqlens(B, Lq, q.device)
     cross = {} if Lk == Lq else {"cu_seqlens_k": _uniform_cu_seqlens(B, Lk, q.device), "max_seqlen_k": Lk}
-    with _deterministic(deterministic):
-        result = varlen_attention(q.reshape(B * Lq, H, Dh), k.reshape(B * Lk, *k.shape[2:]),
-                                  v.reshape(B * Lk, *v.shape[2:]), cu_q, Lq, softmax_scale=softmax_scale,
-                                  causal=causal, return_lse=return_attn_probs, **cross)
+    result = varlen_attention(q.reshape(B * Lq, H, Dh), k.reshape(B * Lk, *k.shape[2:]),
+                              v.reshape(B * Lk, *v.shape[2:]), cu_q, Lq, softmax_scale=softmax_scale,
+                              causal=causal, return_lse=return_attn_probs, **cross)
     out, lse = result if return_attn_probs else (result, None)
     out = out.view(B, Lq, H, -1)
     if return_attn_probs:

@@ -81,3 +81,24 @@ def stack_luts(luts: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, list
         out[m, :n, :n] = lut + offsets[-1]
         offsets.append(offsets[-1] + rows)
     return out, offsets
+
+
+def relative_lut(lut: torch.Tensor) -> torch.Tensor:
+    """The compact relative form ``[..., 2P-1]`` of a LUT ``[..., P, P]`` whose entries depend
+    only on the position difference (entry ``key - query + P - 1``): what
+    ``ops.varlen_attention`` reads in O(P) instead of O(P^2). Raises ValueError when the LUT is
+    not relative: ONE-PEACE's 1D LUTs give CLS (position 0) its own row and column, and
+    BEiT's 2D LUT depends on the row and column offsets of the patch grid, so those stay
+    ``[M, P, P]``."""
+    P = lut.shape[-1]
+    if lut.dim() < 2 or lut.shape[-2] != P:
+        raise ValueError(f"expected a LUT [..., P, P], got {tuple(lut.shape)}")
+    pos = torch.arange(P)
+    diff = pos[None, :] - pos[:, None] + P - 1  # [P, P]: the compact index of every pair
+    compact = torch.full((*lut.shape[:-2], 2 * P - 1), -1, dtype=lut.dtype)
+    compact[..., diff] = lut  # any pair of a diagonal; checked below
+    mismatch = compact[..., diff] != lut
+    if bool(mismatch.any()):
+        q, k = (int(i) for i in torch.nonzero(mismatch)[0, -2:])
+        raise ValueError(f"the LUT is not relative: entry ({q}, {k}) differs from others at key - query = {k - q}")
+    return compact

@@ -19,14 +19,19 @@ Contract (the Triton kernel in ``kernels/varlen_attention/`` implements exactly 
   ``[M, P, P]`` (plus ``modality [T]`` and ``position`` int32 ``[T]``), the logit of query i
   and key j of one sequence gets ``bias_table[bias_lut[m, pos[i], pos[j]], h]`` when
   ``modality[i] == modality[j] == m`` and that LUT entry is >= 0; otherwise nothing.
+  A LUT that depends only on position differences can be given in the compact relative form
+  ``[M, 2P-1]`` (odd width), read as ``bias_lut[m, pos[j] - pos[i] + P - 1]``: O(P) instead
+  of O(P^2) (``omni_core.model.relpos.relative_lut`` converts).
 * ``return_lse=True`` returns ``(out, lse)`` with lse ``[H, Tq]`` in natural log, float32
   (float64 for float64 inputs), as flash-attn's varlen LSE.
 
 Backends and modes. Plain self-attention (equal heads, no causal mask, no LSE) is what every
 backend implements. The other modes — ``"causal"``, ``"cross"`` (``cu_seqlens_k``), ``"gqa"``
-(Hk < H) and ``"lse"`` — are run by a backend only when its implementation lists them in a
-``modes`` attribute (a set of those names); the call then passes ``causal``,
-``cu_seqlens_k``, ``max_seqlen_k`` and ``return_lse`` as keywords. **Rule:** when the backend
+(Hk < H), ``"lse"`` and ``"relative_lut"`` (the compact ``[M, 2P-1]`` LUT) — are run by a
+backend only when its implementation lists them in a ``modes`` attribute (a set of those
+names); the call then passes ``causal``, ``cu_seqlens_k``, ``max_seqlen_k`` and
+``return_lse`` as keywords (``"relative_lut"`` needs none: the LUT's shape says it).
+**Rule:** when the backend
 chosen automatically for the device does not implement a mode the call uses, the torch
 reference runs it; a backend forced with ``OMNI_BACKEND`` that lacks the mode is a
 :class:`~omni_core.ops.dispatch.BackendUnavailable` error naming the mode (a forced backend
@@ -45,7 +50,7 @@ from omni_core.ops.memo import memoised
 from omni_core.ops.packing import check_cu_seqlens
 
 OP = "varlen_attention"
-MODES = ("causal", "cross", "gqa", "lse")
+MODES = ("causal", "cross", "gqa", "lse", "relative_lut")
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cross: bool) -> None:
@@ -118,8 +123,11 @@ def validate_varlen_attention(
         raise ValueError(f"bias_table must be [NB, H={H}], got {tuple(bias_table.shape)}")
     if not bias_table.dtype.is_floating_point:
         raise TypeError(f"bias_table must be floating point, got {bias_table.dtype}")
-    if bias_lut.dtype != torch.int32 or bias_lut.dim() != 3 or bias_lut.shape[1] != bias_lut.shape[2]:
-        raise ValueError(f"bias_lut must be int32 [M, P, P], got {tuple(bias_lut.shape)} {bias_lut.dtype}")
+    dense = bias_lut.dim() == 3 and bias_lut.shape[1] == bias_lut.shape[2]
+    relative = bias_lut.dim() == 2 and bias_lut.shape[1] % 2 == 1
+    if bias_lut.dtype != torch.int32 or not (dense or relative):
+        raise ValueError(f"bias_lut must be int32 [M, P, P] or the compact relative [M, 2P-1], got "
+                         f"{tuple(bias_lut.shape)} {bias_lut.dtype}")
     if modality.shape != (T,) or modality.dtype.is_floating_point:
         raise ValueError(f"modality must be an integer [T={T}] tensor, got {tuple(modality.shape)} {modality.dtype}")
     if position.shape != (T,) or position.dtype != torch.int32:
@@ -129,13 +137,18 @@ def validate_varlen_attention(
              lambda: _check_bias_layout(modality, position, bias_lut, NB))
 
 
+def lut_positions(bias_lut: torch.Tensor) -> int:
+    """P, the number of positions a LUT covers: ``[M, P, P]`` or compact ``[M, 2P-1]``."""
+    return (bias_lut.shape[1] + 1) // 2 if bias_lut.dim() == 2 else bias_lut.shape[1]
+
+
 def _check_bias_layout(modality: torch.Tensor, position: torch.Tensor, bias_lut: torch.Tensor, NB: int) -> None:
-    M, P = bias_lut.shape[0], bias_lut.shape[1]
+    M, P = bias_lut.shape[0], lut_positions(bias_lut)
     if modality.numel() and (int(modality.min()) < 0 or int(modality.max()) >= M):
         raise ValueError(f"modality ids must lie in [0, {M}) (bias_lut has M={M})")
     if position.numel() and (int(position.min()) < 0 or int(position.max()) >= P):
         raise ValueError(
-            f"positions must lie in [0, {P}) (bias_lut is [M, {P}, {P}]), "
+            f"positions must lie in [0, {P}) (bias_lut {tuple(bias_lut.shape)} covers {P} positions), "
             f"got min {int(position.min())} max {int(position.max())}"
         )
     if bias_lut.numel() and (int(bias_lut.min()) < -1 or int(bias_lut.max()) >= NB):
@@ -305,7 +318,10 @@ def _bias_rows(idx: torch.Tensor, bias_lut: torch.Tensor, modality: torch.Tensor
     LUT entry >= 0) as ``[n, L, L, 1]``."""
     mod = modality[idx].long()
     pos = position[idx].long()
-    entry = bias_lut[mod[:, :, None], pos[:, :, None], pos[:, None, :]].long()
+    if bias_lut.dim() == 2:  # compact relative LUT [M, 2P-1]
+        entry = bias_lut[mod[:, :, None], pos[:, None, :] - pos[:, :, None] + lut_positions(bias_lut) - 1].long()
+    else:
+        entry = bias_lut[mod[:, :, None], pos[:, :, None], pos[:, None, :]].long()
     keep = (mod[:, :, None] == mod[:, None, :]) & (entry >= 0)
     return entry.clamp(min=0).flatten(), keep[..., None]
 
@@ -335,8 +351,9 @@ def varlen_attention(
     """
     validate_varlen_attention(q, k, v, cu_seqlens, max_seqlen, bias_table, bias_lut, modality, position,
                               cu_seqlens_k, max_seqlen_k)
+    relative = bias_lut is not None and bias_lut.dim() == 2
     used = [mode for mode, on in zip(MODES, (causal, cu_seqlens_k is not None, k.shape[1] != q.shape[1],
-                                              return_lse)) if on]
+                                              return_lse, relative)) if on]
     backend, impl = dispatch.resolve(OP, q.device)
     args = (q, k, v, cu_seqlens, int(max_seqlen), softmax_scale, bias_table, bias_lut, modality, position)
     if not used:
