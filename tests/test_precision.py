@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 from omni_core import precision
+from omni_core.model.adapters import AudioAdapter, ImageAdapter
 from omni_core.precision import resolve_precision
 
 
@@ -56,3 +59,48 @@ def test_autocast_runs_matmuls_in_the_chosen_dtype():
 def test_bad_name_is_rejected():
     with pytest.raises(ValueError, match="precision must be one of"):
         resolve_precision("fp16", "cpu")
+
+
+# --- the adapters' autocast policy: convolutional stems stay in fp32 under autocast ---
+
+def _stem_grads(adapter: torch.nn.Module, run, bf16: bool) -> dict[str, torch.Tensor]:
+    """Gradients of the stem's convs and norms for a loss through a (bf16 under autocast)
+    Linear head, as the encoder's first projection would be."""
+    adapter.zero_grad()
+    head = torch.nn.Linear(64, 64)
+    torch.nn.init.normal_(head.weight, generator=torch.Generator().manual_seed(1))
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with ctx:
+        out = run(adapter)
+        loss = (head(out).float() * torch.randn(out.shape, generator=torch.Generator().manual_seed(2))).mean()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in adapter.named_parameters()
+            if p.grad is not None and ("norm" in n or "conv" in n)}
+
+
+def _rel_errors(adapter: torch.nn.Module, run) -> dict[str, float]:
+    fp32, bf16 = _stem_grads(adapter, run, False), _stem_grads(adapter, run, True)
+    assert fp32.keys() == bf16.keys() and fp32
+    return {n: ((bf16[n] - fp32[n]).norm() / fp32[n].norm()).item() for n in fp32}
+
+
+def test_image_stem_is_fp32_under_autocast():
+    # Measured: 0.2-0.4 % with the policy, 2-6 % on the LayerNorms without it (the
+    # tiny model's full step: 50-100 %), so 1 % separates the two.
+    torch.manual_seed(0)
+    adapter = ImageAdapter(64, 64, 48, 2)
+    images = torch.randn(8, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert adapter(images)[0].dtype == torch.float32
+    errors = _rel_errors(adapter, lambda a: torch.stack(a(images)))
+    assert max(errors.values()) < 0.01, errors
+
+
+def test_audio_front_end_is_fp32_under_autocast():
+    torch.manual_seed(0)
+    adapter = AudioAdapter(64, 2, 8, 32, front_end="mel", mel_downsample=2)
+    waves = torch.randn(4, 16000)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert adapter.features(waves).dtype == torch.float32
+    errors = _rel_errors(adapter, lambda a: torch.stack(a(list(waves))))
+    assert max(errors.values()) < 0.01, errors

@@ -4,10 +4,19 @@ each holding its modality's relative-position table (``bias_table``, shared by a
 They follow ONE-PEACE's released adapters (``/work/shared/ONE-PEACE.md`` §3-§5). Each works
 on a whole batch of its modality at once and returns one tensor per sample, so a sample
 embedded once can appear in several views of a step.
+
+Autocast policy: the convolutional stems (the image hMLP stem, the audio front end) always
+run in the parameters' dtype (fp32), even under ``torch.autocast``. Their LayerNorms sum a
+gradient over every pixel or frame; fed by bf16 convolutions, those sums lost most of their
+accuracy (measured on the ``tiny`` preset's first contrastive step: image stem LN weight/bias
+gradients 53-104 % off fp32's; 2-3 % with the stem in fp32, what the bf16 encoder above it
+leaves), while the stems are a small share of the step's FLOPs. Everything after the stem
+(projections, the encoder) follows the caller's autocast as usual.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -18,6 +27,14 @@ from omni_core import ops
 
 # ONE-PEACE's audio feature extractor: (kernel, stride) per conv, total stride 320 (20 ms).
 ONE_PEACE_AUDIO_CONVS = ((10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2))
+
+
+def _fp32_stem(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast switched off for a stem on ``x``'s device (see the module's autocast policy);
+    a no-op outside autocast."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 def _trunc_normal(*shape: int) -> nn.Parameter:
@@ -87,9 +104,11 @@ class ImageAdapter(nn.Module):
         expected = (3, self.image_size, self.image_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images must be [N, {', '.join(map(str, expected))}], got {tuple(images.shape)}")
-        x = F.gelu(self._channel_ln(self.conv1(images), self.norm1))
-        x = F.gelu(self._channel_ln(self.conv2(x), self.norm2))
-        x = self.conv3(x).flatten(2).transpose(1, 2)  # [N, grid*grid, D]
+        with _fp32_stem(images):
+            images = images.to(self.conv1.weight.dtype)
+            x = F.gelu(self._channel_ln(self.conv1(images), self.norm1))
+            x = F.gelu(self._channel_ln(self.conv2(x), self.norm2))
+            x = self.conv3(x).flatten(2).transpose(1, 2)  # [N, grid*grid, D]
         cls = self.cls.expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.pos
         return list(x.unbind(0))
@@ -160,7 +179,12 @@ class AudioAdapter(nn.Module):
         return max(n, 0)
 
     def features(self, padded: torch.Tensor) -> torch.Tensor:
-        """``[N, S]`` waveforms → ``[N, frames, C]`` front-end features."""
+        """``[N, S]`` waveforms → ``[N, frames, C]`` front-end features (in the parameters'
+        dtype even under autocast: see the module's autocast policy)."""
+        with _fp32_stem(padded):
+            return self._features(padded.to(self.norms[0].weight.dtype))
+
+    def _features(self, padded: torch.Tensor) -> torch.Tensor:
         if self.front_end == "conv":
             x = padded[:, None]
         else:
