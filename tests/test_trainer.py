@@ -110,17 +110,18 @@ def test_default_run_decodes_with_dali_and_packs_steps_to_the_budget(dataset, tm
     assert len(rows) == 3 and all(0 < int(r["tokens"]) <= 400 for r in rows)
 
 
-def test_precision_is_applied_recorded_and_validated(dataset, tmp_path):
-    from omni_core.train.trainer import TrainArgs, train
 
-    common = dict(data=str(dataset), steps=2, batch_size=8, warmup_steps=1, seed=3, loader="pil", progress=False,
-                  recipe="contrastive")
-    runs = {p: train(TrainArgs(out=str(tmp_path / p), precision=p, **common)) for p in ("fp32", "bf16")}
-    assert runs["fp32"]["precision"] == "fp32" and runs["bf16"]["precision"] == "bf16"
-    assert "asked for" in runs["bf16"]["precision_reason"]
-    fp32, bf16 = metrics(tmp_path / "fp32"), metrics(tmp_path / "bf16")
-    first = float(fp32[0]["loss"]), float(bf16[0]["loss"])
+def test_precision_is_applied_recorded_and_validated(dataset, tmp_path):
+    # subprocesses, as the tests above: the run must not inherit another test's kernel backend
+    for p in ("fp32", "bf16"):
+        subprocess.run(pretrain_cmd(dataset, tmp_path / p, "--recipe", "contrastive", "--precision", p),
+                       check=True, env=ENV, capture_output=True)
+    summaries = {p: json.loads((tmp_path / p / "summary.json").read_text()) for p in ("fp32", "bf16")}
+    assert summaries["fp32"]["precision"] == "fp32" and summaries["bf16"]["precision"] == "bf16"
+    assert "asked for" in summaries["bf16"]["precision_reason"]
+    first = float(metrics(tmp_path / "fp32")[0]["loss"]), float(metrics(tmp_path / "bf16")[0]["loss"])
     assert first[0] != first[1], "bf16 autocast must change the arithmetic"
     assert abs(first[0] - first[1]) < 0.05 * first[0], first  # same weights and data: same loss to bf16 precision
-    with pytest.raises(ValueError, match="precision must be one of"):
-        train(TrainArgs(out=str(tmp_path / "bad"), precision="fp8", **common))
+    bad = subprocess.run(pretrain_cmd(dataset, tmp_path / "bad", "--precision", "fp8"), env=ENV, capture_output=True,
+                         text=True)
+    assert bad.returncode != 0 and "--precision" in bad.stderr and "fp8" in bad.stderr
