@@ -35,7 +35,16 @@ import torch
 import triton
 import triton.language as tl
 from omni_core.kernels._aot import AotConfig
-from omni_core.kernels.varlen_attention.common import DTYPES, INTERPRET, LOG2E, MAX_HEAD_DIM, _cast, _d_pad, _dot
+from omni_core.kernels.varlen_attention.common import (
+    DTYPES,
+    INTERPRET,
+    LOG2E,
+    MAX_HEAD_DIM,
+    _cast,
+    _d_pad,
+    _dot,
+    _online_softmax_update,
+)
 
 
 @triton.jit
@@ -91,13 +100,7 @@ def _split_kernel(
         if CAUSAL:
             ok = ok & (cols[None, :] <= i[:, None] + (Lk - Lq))
         s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, UPCAST), v, UPCAST, IEEE)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_update(s, v, m_i, l_i, acc, UPCAST, IEEE)
 
     has_key = l_i > 0.0
     part = ((split * B + b) * H + h).to(tl.int64) * Lq + i  # (split, b, h, i) row of the partials

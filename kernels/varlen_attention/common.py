@@ -4,7 +4,8 @@ Varlen attention, shared pieces
 
 Constants, the one place the interpreter is detected, and the ``@triton.jit`` helpers that
 the forward and backward kernels (and ``kernels/decode_attention.py``) share: sequence
-bounds, causal masks, the bias gather, and the interpreter-safe dot and cast.
+bounds, causal masks, the bias gather, the online-softmax update, and the interpreter-safe
+dot and cast.
 """
 
 from __future__ import annotations
@@ -119,3 +120,17 @@ def _load_lse(Lse, rows, row_ok):
     lse = tl.load(Lse + rows, mask=row_ok, other=0.0)
     return tl.where(lse == float("-inf"), float("inf"), lse)
 
+
+@triton.jit
+def _online_softmax_update(s, v, m_i, l_i, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """Fold one tile of base-2 scores ``s`` [M, N] (masked entries -inf) and its values ``v``
+    [N, D] into the running max ``m_i``, sum ``l_i`` and output ``acc``. A row whose keys so far
+    are all masked keeps m = -inf; shifting it by 0 instead keeps exp2 at 0 (not NaN) until its
+    first allowed key."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_use)
+    p = tl.math.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, UPCAST), v, UPCAST, IEEE)
+    return m_new, l_i, acc

@@ -18,6 +18,7 @@ from omni_core.kernels.varlen_attention.common import (
     _dot,
     _key_end,
     _load_ids,
+    _online_softmax_update,
     _seq_bounds,
 )
 
@@ -74,15 +75,7 @@ def _fwd_kernel(
                                  pos_n[None, :], h, H, P, LUT_REL)
             s += bias * 1.4426950408889634
         s = tl.where(_allowed(offs_m[:, None], cols[None, :], Lq, Lk, CAUSAL), s, float("-inf"))
-        # A row whose keys so far are all masked keeps m = -inf; shifting it by 0 instead
-        # keeps exp2 at 0 (not NaN) until its first allowed key.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, UPCAST), v, UPCAST, IEEE)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_update(s, v, m_i, l_i, acc, UPCAST, IEEE)
 
     # Rows without any allowed key (empty key sequence, causal rows before the first key)
     # output 0 with lse -inf, as flash-attn.
