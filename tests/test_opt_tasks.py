@@ -4,13 +4,10 @@ registry and its errors."""
 
 from __future__ import annotations
 
-import csv
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 
 import pytest
@@ -19,6 +16,7 @@ import torch.nn.functional as F
 
 from omni_core.data.sample import Sample
 from omni_core.model.opt import AUDIO, IMAGE, PRESETS, TEXT, OptModel, load_opt
+from omni_core.model.vq import VQConfig, VQTokenizer
 from omni_core.recipes import opt_tasks
 from omni_core.recipes.opt import OptRecipe
 from omni_core.recipes.opt_tasks import (
@@ -32,6 +30,7 @@ from omni_core.recipes.opt_tasks import (
     resolve_weights,
     windowed_contrast,
 )
+from runs import kill_after_first_checkpoint, metrics
 
 CODEBOOK = 16
 
@@ -300,47 +299,29 @@ def test_errors_name_the_problem():
 
 # --------------------------------------------------------------------------- the trainer
 def _opt_cmd(data, out, vq, *extra: str) -> list[str]:
-    tasks = ["--vq", str(vq)] if vq else ["--tasks", "mlm,mrfr,mrct,mafr,mac,itm,td"]
     return [sys.executable, "-m", "omni_core.cli", "pretrain", "--recipe", "opt", "--data", str(data), "--out",
             str(out), "--steps", "6", "--batch-size", "4", "--ckpt-every", "2", "--warmup-steps", "2", "--seed", "1",
-            "--loader", "pil", "--precision", "fp32", "--no-progress", *tasks, *extra]
-
-
-def _metrics(run) -> list[dict]:
-    with (run / "metrics.csv").open() as f:
-        return list(csv.DictReader(f))
+            "--loader", "pil", "--precision", "fp32", "--no-progress", "--vq", str(vq), *extra]
 
 
 def test_pretrain_opt_resumes_exactly_after_a_kill(dataset, tmp_path):
     """``omni pretrain --recipe opt``: a column per task; a run killed after a checkpoint and
     resumed logs the same losses as one run straight through."""
-    try:
-        from omni_core.model.vq import VQConfig, VQTokenizer
-    except ImportError:  # the image tokenizer is optional here: train the tasks without codes
-        vq = None
-    else:
-        vq = VQTokenizer(VQConfig(image_size=32, codebook_size=32)).save(tmp_path / "vq")
+    vq = VQTokenizer(VQConfig(image_size=32, codebook_size=32)).save(tmp_path / "vq")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     subprocess.run(_opt_cmd(dataset, whole, vq), check=True, env=env, capture_output=True)
-    proc = subprocess.Popen(_opt_cmd(dataset, resumed, vq), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (resumed / "checkpoint.safetensors").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert len(_metrics(resumed)) < 6
+    kill_after_first_checkpoint(_opt_cmd(dataset, resumed, vq), resumed, env)
+    assert len(metrics(resumed)) < 6
     subprocess.run(_opt_cmd(dataset, resumed, vq, "--resume"), check=True, env=env, capture_output=True)
-    a, b = _metrics(whole), _metrics(resumed)
-    expected = DEFAULT_TASKS if vq else ("mlm", "mrfr", "mrct", "mafr", "mac", "itm", "td")
-    assert [k for k in a[0] if k.startswith("loss_")] == [f"loss_{t}" for t in expected]
+    a, b = metrics(whole), metrics(resumed)
+    assert [k for k in a[0] if k.startswith("loss_")] == [f"loss_{t}" for t in DEFAULT_TASKS]
     for key in a[0]:
         if key not in ("elapsed_s", "tokens_per_s"):
             assert [r[key] for r in a] == [r[key] for r in b], key
     model, meta = load_opt(whole)
     assert isinstance(model, OptModel) and meta["args"]["recipe"] == "opt"
-    assert model.cfg.codebook_size == (32 if vq else PRESETS["opt-tiny"].codebook_size)
+    assert model.cfg.codebook_size == 32
 
 
 def test_pretrain_opt_rejects_bad_options(dataset, tmp_path):

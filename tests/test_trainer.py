@@ -1,19 +1,17 @@
 """Trainer: exact resumption after a kill, corrupt samples skipped, clear errors."""
 
-import csv
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
 
 from omni_core.eval.retrieval import evaluate
+from runs import kill_after_first_checkpoint, metrics
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count in every run: bitwise-equal math
 
@@ -24,23 +22,11 @@ def pretrain_cmd(data: Path, out: Path, *extra: str) -> list[str]:
             "--seed", "3", "--loader", "pil", "--no-progress", *extra]
 
 
-def metrics(run: Path) -> list[dict]:
-    with (run / "metrics.csv").open() as f:
-        return list(csv.DictReader(f))
-
-
 def test_killed_run_resumes_to_the_same_result(dataset, tmp_path):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     subprocess.run(pretrain_cmd(dataset, whole), check=True, env=ENV, capture_output=True)
 
-    proc = subprocess.Popen(pretrain_cmd(dataset, resumed), env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (resumed / "checkpoint.safetensors").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run must be killed mid-way"
+    kill_after_first_checkpoint(pretrain_cmd(dataset, resumed), resumed, ENV)
     steps_at_kill = len(metrics(resumed))
     assert steps_at_kill < 8 and not (resumed / "model.safetensors").exists()
 
