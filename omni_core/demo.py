@@ -30,7 +30,7 @@ from omni_core.train.trainer import EVAL_CURVE, METRICS, TrainArgs, train
 DEMO_RECIPES = ("joint", "two-stage", "contrastive")
 # Images are rendered at 128 px and trained at 96 px (6x6 patches) with 3600-token steps (about as
 # many triplets per step as 64 px at 2800): at 64 px the shapes are invisible to the 16-px patches
-# and image<->text plateaus at R@1 0.45; this setting reached 0.61 (README, measured).
+# and image<->text plateaus at R@1 0.45; this setting reaches 0.70-0.77 (README, measured).
 RENDER_SIZE, IMAGE_SIZE, TOKEN_BUDGET = 128, 96, 3600
 STAGE1_SHARE = 0.6  # two-stage: the share of the budget stage 1 gets
 # With the trainer's 30 warmup steps the peak learning rate arrives while the towers are still

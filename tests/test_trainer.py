@@ -24,9 +24,11 @@ def pretrain_cmd(data: Path, out: Path, *extra: str) -> list[str]:
 
 def test_killed_run_resumes_to_the_same_result(dataset, tmp_path):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    subprocess.run(pretrain_cmd(dataset, whole), check=True, env=ENV, capture_output=True)
+    # fp32 given at the start only: the resumed launch must keep the run's precision, not take
+    # the default (auto: bf16 on a CPU with native bf16)
+    subprocess.run(pretrain_cmd(dataset, whole, "--precision", "fp32"), check=True, env=ENV, capture_output=True)
 
-    kill_after_first_checkpoint(pretrain_cmd(dataset, resumed), resumed, ENV)
+    kill_after_first_checkpoint(pretrain_cmd(dataset, resumed, "--precision", "fp32"), resumed, ENV)
     steps_at_kill = len(metrics(resumed))
     assert steps_at_kill < 8 and not (resumed / "model.safetensors").exists()
 
@@ -37,6 +39,7 @@ def test_killed_run_resumes_to_the_same_result(dataset, tmp_path):
     for key in a[0]:
         if key not in ("elapsed_s", "tokens_per_s"):
             assert [r[key] for r in a] == [r[key] for r in b], key
+    assert json.loads((resumed / "summary.json").read_text())["precision"] == "fp32"
     eval_a, eval_b = evaluate(whole, dataset, "pil"), evaluate(resumed, dataset, "pil")
     assert eval_a == eval_b
 

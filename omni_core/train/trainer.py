@@ -103,7 +103,7 @@ class TrainArgs:
     task_weights: str | None = None  # opt: one weight per task (default: 1 each)
 
 
-LAUNCH_FIELDS = ("dist", "checkpoint_activations", "compile", "dist_timeout", "progress", "precision")
+LAUNCH_FIELDS = ("dist", "checkpoint_activations", "compile", "dist_timeout", "progress")
 
 
 def learning_rate(args: TrainArgs, step: int, progress: float) -> float:
