@@ -211,9 +211,9 @@ class AudioAdapter(nn.Module):
                              f"(crop them to 15 s as ONE-PEACE does)")
         dtype = self.proj.weight.dtype
         padded = nn.utils.rnn.pad_sequence([w.to(dtype).flatten() for w in waves], batch_first=True)
-        feats = self.features(padded)
+        feats = unpad(self.features(padded), lengths)  # the projection skips the padding frames
         x = self.proj(ops.layer_norm(feats, self.proj_norm.weight, self.proj_norm.bias, self.proj_norm.eps))
-        return [torch.cat([self.cls[None], x[i, :n]]) for i, n in enumerate(lengths)]
+        return [torch.cat([self.cls[None], f]) for f in x.split(lengths)]
 
     def add_positions(self, segments: list[torch.Tensor]) -> list[torch.Tensor]:
         """``[cls; f_1..f_n]`` → ``[cls + cls_pos; f + p(f)]`` per segment, where ``p`` is the
@@ -225,23 +225,34 @@ class AudioAdapter(nn.Module):
         if not segments:
             return []
         lengths = torch.tensor([s.shape[0] - 1 for s in segments], device=segments[0].device)
-        frames = nn.utils.rnn.pad_sequence([s[1:] for s in segments], batch_first=True)  # [N, L, D]
-        valid = (torch.arange(frames.shape[1], device=frames.device)[None, :] < lengths[:, None])[..., None]
+        valid = (torch.arange(int(lengths.max()), device=lengths.device)[None, :] < lengths[:, None])[..., None]
+        # [N, L, D] by one masked scatter: pad_sequence's backward would copy a whole [N, L, D]
+        # gradient per segment
+        frames = segments[0].new_zeros(*valid.shape[:2], segments[0].shape[1]).masked_scatter(
+            valid, torch.cat([s[1:] for s in segments]))
         p = frames.transpose(1, 2)
         for conv in self.pos_convs:
             p = conv(p)
             if conv.kernel_size[0] % 2 == 0:  # ONE-PEACE's SamePad: even kernels give one frame too many
                 p = p[:, :, :-1]
             p = F.gelu(F.layer_norm(p.transpose(1, 2), (p.shape[1],)) * valid).transpose(1, 2)
-        x = frames + p.transpose(1, 2)
-        return [torch.cat([(s[0] + self.cls_pos)[None], x[i, :n]])
-                for i, (s, n) in enumerate(zip(segments, lengths.tolist()))]
+        x = unpad(frames + p.transpose(1, 2), lengths).split(lengths.tolist())
+        return [torch.cat([(s[0] + self.cls_pos)[None], f]) for s, f in zip(segments, x)]
 
     def min_samples(self) -> int:
         n = 1
         while self.num_frames(n) < 1:
             n += 1 if n < 64 else n // 4
         return n
+
+
+def unpad(x: torch.Tensor, lengths: list[int] | torch.Tensor) -> torch.Tensor:
+    """The first ``lengths[i]`` rows of every ``x[i]`` (``[N, L, D]``), packed ``[sum(lengths), D]``.
+
+    One masked gather: slicing each row out of ``x`` instead would make every slice's backward
+    zero-fill a whole ``[N, L, D]`` gradient (quadratic in the number of clips)."""
+    lengths = torch.as_tensor(lengths, device=x.device)
+    return x[torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]]
 
 
 def mel_filterbank(n_mels: int, n_fft: int, sample_rate: int) -> torch.Tensor:
