@@ -1,4 +1,4 @@
-"""Greedy and beam search over an incremental decoder (OPT's text and image decoders).
+"""Greedy search, top-k sampling and beam search over an incremental decoder (OPT's text and image decoders).
 
 The search code only sees the :class:`~omni_core.model.opt.IncrementalDecoder` protocol:
 
@@ -21,6 +21,7 @@ leave the decoder's batch (``select``), so a batch costs what its longest row co
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -59,20 +60,20 @@ def _log_probs(dec: IncrementalDecoder, logits: torch.Tensor) -> torch.Tensor:
     return logp
 
 
-@torch.no_grad()
-def greedy(dec: IncrementalDecoder, rows: torch.Tensor, max_len: int) -> list[Hypothesis]:
-    """The most likely next token at each step, for every row of ``rows``."""
-    rows = _check(dec, rows, max_len, 1)
+def _one_path(dec: IncrementalDecoder, rows: torch.Tensor, max_len: int,
+              choose: Callable[[torch.Tensor], torch.Tensor]) -> list[Hypothesis]:
+    """One hypothesis per row, ``choose(logp [B, V]) -> tokens [B]`` picking each next token."""
     out = [Hypothesis([], 0.0, 0.0, False) for _ in range(rows.numel())]
     active = torch.arange(rows.numel())
     state = dec.start(rows)
     last = torch.full((rows.numel(),), dec.bos_id, dtype=torch.long)
     for t in range(max_len):
         logp = _log_probs(dec, dec.step(state, last))
-        best, tok = logp.max(dim=-1)
+        tok = choose(logp)
+        picked = logp.gather(1, tok[:, None]).squeeze(1)
         ended = torch.zeros_like(tok, dtype=torch.bool) if dec.eos_id is None else tok == dec.eos_id
         for i, r in enumerate(active.tolist()):
-            out[r].logprob += best[i].item()
+            out[r].logprob += picked[i].item()
             if ended[i]:
                 out[r].finished = True
             else:
@@ -86,6 +87,35 @@ def greedy(dec: IncrementalDecoder, rows: torch.Tensor, max_len: int) -> list[Hy
     for h in out:
         h.score = h.logprob
     return out
+
+
+@torch.no_grad()
+def greedy(dec: IncrementalDecoder, rows: torch.Tensor, max_len: int) -> list[Hypothesis]:
+    """The most likely next token at each step, for every row of ``rows``."""
+    return _one_path(dec, _check(dec, rows, max_len, 1), max_len, lambda logp: logp.argmax(dim=-1))
+
+
+@torch.no_grad()
+def sample(dec: IncrementalDecoder, rows: torch.Tensor, max_len: int, top_k: int | None = None,
+           temperature: float = 1.0, generator: torch.Generator | None = None) -> list[Hypothesis]:
+    """Ancestral sampling: each next token drawn from ``softmax(logits / temperature)`` restricted
+    to the ``top_k`` most likely (all when None), as image-token generators (DALL·E, VQGAN)
+    decode; ``generator`` makes the draw reproducible. ``logprob`` is the model's (untempered)
+    log-probability of the sampled tokens."""
+    rows = _check(dec, rows, max_len, 1)
+    if top_k is not None and not 1 <= top_k <= dec.vocab_size:
+        raise ValueError(f"top_k must be in [1, {dec.vocab_size}], got {top_k}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+    def choose(logp: torch.Tensor) -> torch.Tensor:
+        scaled = logp / temperature
+        if top_k is not None:
+            kth = scaled.topk(top_k, dim=-1).values[:, -1:]
+            scaled = scaled.masked_fill(scaled < kth, -torch.inf)
+        return torch.multinomial(scaled.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+    return _one_path(dec, rows, max_len, choose)
 
 
 @dataclass
@@ -170,8 +200,14 @@ def _settled(row: _Row, best_live: float, length: int, max_len: int, alpha: floa
 
 
 def generate(dec: IncrementalDecoder, rows: torch.Tensor, max_len: int, beam: int = 1,
-             alpha: float = 1.0) -> list[list[int]]:
-    """Token lists, one per row: greedy for ``beam`` = 1, else the best of a beam search."""
+             alpha: float = 1.0, top_k: int | None = None, temperature: float = 1.0,
+             generator: torch.Generator | None = None) -> list[list[int]]:
+    """Token lists, one per row: sampled when ``top_k`` is given (see :func:`sample`), else
+    greedy for ``beam`` = 1, else the best of a beam search."""
+    if top_k is not None:
+        if beam != 1:
+            raise ValueError(f"sampling draws one sequence per row: give top_k or beam > 1, not both (beam={beam})")
+        return [h.tokens for h in sample(dec, rows, max_len, top_k, temperature, generator)]
     if beam == 1:
         return [h.tokens for h in greedy(dec, rows, max_len)]
     return [hyps[0].tokens for hyps in beam_search(dec, rows, max_len, beam, alpha)]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from omni_core.generate import beam_search, generate, greedy, length_penalty
+from omni_core.generate import beam_search, generate, greedy, length_penalty, sample
 
 BOS, EOS = 0, 1
 
@@ -56,6 +56,32 @@ def test_known_answers_greedy_vs_beam() -> None:
     best = beam_search(dec, torch.tensor([0]), max_len=10, beam=2, alpha=0.0, n_best=2)[0]
     assert [h.tokens for h in best] == [[3, 5], [2, 4]]
     assert best[0].logprob == pytest.approx(math.log(0.36)) and best[0].finished
+
+
+def test_sampling_frequencies_top_k_and_seed() -> None:
+    """Sampled first tokens follow the table's probabilities; top_k=1 is greedy; top_k=2 never
+    draws the third most likely token; a seeded generator repeats its draws."""
+    table = {BOS: {2: 0.5, 3: 0.3, 4: 0.2}, 2: {EOS: 1.0}, 3: {EOS: 1.0}, 4: {EOS: 1.0}}
+    dec = TableDecoder(table, 5)
+    rows = torch.zeros(4000, dtype=torch.long)
+    first = torch.tensor([h.tokens[0] for h in sample(dec, rows, 3, generator=torch.Generator().manual_seed(1))])
+    for tok, p in ((2, 0.5), (3, 0.3), (4, 0.2)):
+        assert abs((first == tok).double().mean().item() - p) < 0.03  # ~4 standard errors at n=4000
+    two = sample(dec, rows[:500], 3, top_k=2, generator=torch.Generator().manual_seed(2))
+    assert {h.tokens[0] for h in two} == {2, 3}
+    hot = sample(dec, rows[:500], 3, temperature=0.05, generator=torch.Generator().manual_seed(3))
+    assert all(h.tokens == [2] for h in hot)  # a low temperature concentrates on the mode
+    assert [h.tokens for h in sample(TableDecoder(TABLE, 7), rows[:3], 10, top_k=1)] == [[2, 4]] * 3
+    h = sample(dec, rows[:1], 3, generator=torch.Generator().manual_seed(4))[0]
+    assert h.finished and h.logprob == pytest.approx(math.log(table[BOS][h.tokens[0]]))
+    again = [sample(dec, rows[:50], 3, generator=torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert [x.tokens for x in again[0]] == [x.tokens for x in again[1]]
+    with pytest.raises(ValueError, match="top_k"):
+        sample(dec, rows[:1], 3, top_k=0)
+    with pytest.raises(ValueError, match="temperature"):
+        sample(dec, rows[:1], 3, temperature=0.0)
+    with pytest.raises(ValueError, match="not both"):
+        generate(dec, rows[:1], 3, beam=2, top_k=2)
 
 
 def test_max_len_and_no_eos() -> None:
