@@ -78,6 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, help="evaluate the first N eval samples (default all)")
     p.add_argument("--retrieval-samples", type=int, default=100)
     p.add_argument("--beam", type=int, default=1)
+    p.add_argument("--imagine-top-k", type=int, default=None, help="imagine by top-k sampling (default: greedy)")
+    p.add_argument("--tasks", default=None, help="comma-separated OPT tasks (default: the demo's mix)")
+    p.add_argument("--task-weights", default=None, help="one weight per task (default 1 each)")
+    p.add_argument("--task-mix", choices=["sum", "sample"], default="sum",
+                   help="every task every step (sum) or one task per step drawn by weight (sample)")
+    p.add_argument("--token-budget", type=int, default=TrainArgs.token_budget, help="tokens per step")
+    p.add_argument("--warmup-steps", type=int, default=TrainArgs.warmup_steps)
+    p.add_argument("--lr", type=float, default=TrainArgs.lr, help="peak learning rate")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.vq_minutes >= a.minutes:
@@ -99,9 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     minutes = a.minutes - vq["train_seconds"] / 60
     print(f"[3/4] pre-training opt-tiny on the nine tasks for {minutes:.1f} minutes")
     summary = train(TrainArgs(data=str(data), out=str(run), preset="opt-tiny", recipe="opt", vq=str(vq_dir),
-                              minutes=minutes, seed=a.seed, precision="fp32"))
+                              minutes=minutes, seed=a.seed, precision="fp32", tasks=a.tasks,
+                              task_weights=a.task_weights, task_mix=a.task_mix,
+                              token_budget=a.token_budget,
+                              warmup_steps=a.warmup_steps, lr=a.lr))
     print("[4/4] evaluating on the eval split")
-    result = evaluate_opt(run, data, a.limit, a.beam, a.retrieval_samples)
+    result = evaluate_opt(run, data, a.limit, a.beam, a.retrieval_samples, imagine_top_k=a.imagine_top_k)
     images = np.stack([(to_pixels(s).permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
                        for s in result.pop("eval_images")])
     figure = samples_figure(result, data, images, run)

@@ -255,6 +255,32 @@ def test_step_sums_weighted_tasks_and_is_reproducible():
     assert math.isclose(float(total.detach()), expected, rel_tol=1e-5)
 
 
+def test_sampled_mix_draws_one_task_by_weight():
+    """task_mix="sample" (the release's): one task per step, drawn with probability proportional
+    to its weight; the step's loss is that task's loss from the same draw of views, the others'
+    columns are NaN; zero-weight tasks are never drawn."""
+    model, samples = make_model(torch.float32), make_samples(3, torch.float32)
+    recipe = OptRecipe(Tok(), FakeVQ(), tasks="mlm,itm,td", weights="3,1,0", mix="sample")
+    drawn = []
+    for seed in range(120):
+        loss, parts = recipe.step(model, samples, torch.Generator().manual_seed(seed))
+        live = [k for k, v in parts.items() if not math.isnan(v)]
+        assert len(live) == 1 and math.isclose(parts[live[0]], float(loss.detach()), rel_tol=1e-6)
+        drawn.append(live[0])
+        if seed < 3:  # the loss is the drawn task's own: replay the draw, then that task alone
+            g = torch.Generator().manual_seed(seed)
+            task = recipe.tasks[int(torch.multinomial(torch.tensor([3.0, 1.0, 0.0], dtype=torch.float64), 1,
+                                                      generator=g))]
+            alone = recipe.losses(model, samples, g, tasks=[task])[task.name]
+            assert f"loss_{task.name}" == live[0] and math.isclose(float(alone), float(loss), rel_tol=1e-6)
+    assert "loss_td" not in drawn
+    assert 0.6 < drawn.count("loss_mlm") / len(drawn) < 0.9  # expected 0.75
+    with pytest.raises(ValueError, match="task mix must be one of"):
+        OptRecipe(Tok(), FakeVQ(), mix="random")
+    with pytest.raises(ValueError, match="positive weight"):
+        OptRecipe(Tok(), FakeVQ(), tasks="mlm,itm", weights="0,0", mix="sample")
+
+
 def test_a_registered_task_runs_in_the_step():
     def caption_length(ctx) -> torch.Tensor:  # a user's task reading the shared matching view
         first = ctx.encoded.cu_seqlens[ctx.first["itm"]:ctx.first["itm"] + len(ctx.views["itm"])].long()

@@ -97,15 +97,20 @@ def caption(run: OptRun, images: torch.Tensor | None = None, audio: list[torch.T
 
 @torch.no_grad()
 def imagine(run: OptRun, vq: VQTokenizer, texts: list[torch.Tensor] | None = None,
-            audio: list[torch.Tensor] | None = None, beam: int = 1) -> np.ndarray:
-    """uint8 images [N, S, S, 3] decoded from the image decoder's codes for N captions or clips."""
+            audio: list[torch.Tensor] | None = None, beam: int = 1, top_k: int | None = None,
+            temperature: float = 1.0, seed: int = 0) -> np.ndarray:
+    """uint8 images [N, S, S, 3] decoded from the image decoder's codes for N captions or clips:
+    sampled from the ``top_k`` most likely codes when given (seeded: the same images every call),
+    else greedy / beam search, which tends to fill every cell with the likeliest code (background)."""
     n = len(texts if texts is not None else audio or [])
     pictures = []
+    g = torch.Generator().manual_seed(seed)
     for s in range(0, n, BATCH):
         memory = run.model.encode(text=None if texts is None else texts[s:s + BATCH],
                                   audio=None if audio is None else audio[s:s + BATCH])
         dec = run.model.image_decoding(memory, use_cache=True)
-        codes = generate(dec, torch.arange(memory.num_sequences), IMAGE_GRID**2, beam=beam, alpha=0.0)
+        codes = generate(dec, torch.arange(memory.num_sequences), IMAGE_GRID**2, beam=beam, alpha=0.0,
+                         top_k=top_k, temperature=temperature, generator=g)
         pixels = vq.decode_pixels(torch.tensor(codes, dtype=torch.long))
         pictures.append((pixels * 255).round().byte().permute(0, 2, 3, 1).numpy())
     return np.concatenate(pictures) if pictures else np.zeros((0, vq.image_size, vq.image_size, 3), np.uint8)
@@ -158,7 +163,8 @@ def matching_recall(run: OptRun, samples: list[Sample]) -> dict[str, float]:
 
 
 def evaluate_opt(run_dir: str | Path, data: str | Path | None = None, limit: int | None = None,
-                 beam: int = 1, retrieval_samples: int = 100, log=print) -> dict:
+                 beam: int = 1, retrieval_samples: int = 100, log=print,
+                 imagine_top_k: int | None = None) -> dict:
     """Every generation metric of an OPT run on the eval split (the pinned keys of eval.json first)."""
     run = load_run(run_dir, data)
     data = data or run.meta["args"]["data"]
@@ -166,7 +172,7 @@ def evaluate_opt(run_dir: str | Path, data: str | Path | None = None, limit: int
     refs = [s.text for s in samples]
     images = torch.stack([s.image for s in samples])
     audio = [s.audio for s in samples]
-    result: dict = {"samples": len(samples), "beam": beam}
+    result: dict = {"samples": len(samples), "beam": beam, "imagine_top_k": imagine_top_k}
     captions: dict[str, list[str]] = {}
     for source in CAPTION_SOURCES:
         log(f"eval: captioning {len(samples)} samples from {source}")
@@ -181,8 +187,8 @@ def evaluate_opt(run_dir: str | Path, data: str | Path | None = None, limit: int
     if run.vq_dir:
         vq = run.vq()
         log(f"eval: imagining {len(samples)} images from the eval captions and from their audio")
-        from_text = imagine(run, vq, texts=[s.token_ids for s in samples])
-        from_audio = imagine(run, vq, audio=audio)
+        from_text = imagine(run, vq, texts=[s.token_ids for s in samples], top_k=imagine_top_k)
+        from_audio = imagine(run, vq, audio=audio, top_k=imagine_top_k)
         m_text, m_audio = colour_match(list(from_text), refs), colour_match(list(from_audio), refs)
         result["imagine_colour_match"] = m_text["match"]
         result["imagine_colour_match_audio"] = m_audio["match"]
@@ -250,14 +256,19 @@ def imagine_main(argv: list[str] | None = None) -> int:
     src.add_argument("--audio", help="an audio file (flac/wav)")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--beam", type=int, default=1)
+    p.add_argument("--top-k", type=int, help="sample each code from the k likeliest (default: greedy / beam)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="the sampling's seed")
     p.add_argument("--data", help="dataset of the run's tokenizer (default: the run's)")
     a = p.parse_args(argv)
     run = load_run(a.run, a.data)
     vq = run.vq()
     if a.text is not None:
-        pictures = imagine(run, vq, texts=[text_ids(run.tokenizer, a.text)], beam=a.beam)
+        pictures = imagine(run, vq, texts=[text_ids(run.tokenizer, a.text)], beam=a.beam, top_k=a.top_k,
+                           temperature=a.temperature, seed=a.seed)
     else:
-        pictures = imagine(run, vq, audio=[decode_clip(Path(a.audio).read_bytes())], beam=a.beam)
+        pictures = imagine(run, vq, audio=[decode_clip(Path(a.audio).read_bytes())], beam=a.beam,
+                           top_k=a.top_k, temperature=a.temperature, seed=a.seed)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pictures[0]).save(a.out)
     print(f"wrote {a.out}")
@@ -272,10 +283,11 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, help="evaluate the first N eval samples")
     p.add_argument("--beam", type=int, default=1)
     p.add_argument("--retrieval-samples", type=int, default=100, help="samples ranked by the matching head")
+    p.add_argument("--imagine-top-k", type=int, help="imagine by top-k sampling (default: greedy)")
     p.add_argument("--json", action="store_true", help="print JSON")
     a = p.parse_args(argv)
     result = json_ready(evaluate_opt(a.run, a.data, a.limit, a.beam, a.retrieval_samples,
-                                      log=lambda m: print(m, file=sys.stderr)))
+                                      log=lambda m: print(m, file=sys.stderr), imagine_top_k=a.imagine_top_k))
     if a.json:
         print(json.dumps({k: v for k, v in result.items() if k != "captions"}, indent=2))
     else:

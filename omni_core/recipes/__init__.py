@@ -38,8 +38,9 @@ class Recipe(Protocol):
 
 
 def make_recipe(name: str, stage: str, tokenizer: CaptionTokenizer, gather_grad: bool = False,
-                vq: str | None = None, tasks: str | None = None, task_weights: str | None = None) -> Recipe:
-    """``vq`` (an image-tokenizer directory), ``tasks`` and ``task_weights`` are opt's."""
+                vq: str | None = None, tasks: str | None = None, task_weights: str | None = None,
+                task_mix: str = "sum") -> Recipe:
+    """``vq`` (an image-tokenizer directory), ``tasks``, ``task_weights`` and ``task_mix`` are opt's."""
     if name == "one-peace":
         from omni_core.recipes.one_peace import OnePeaceRecipe
 
@@ -51,7 +52,7 @@ def make_recipe(name: str, stage: str, tokenizer: CaptionTokenizer, gather_grad:
     if name == "opt":
         from omni_core.recipes.opt import OptRecipe, load_vq
 
-        return OptRecipe(tokenizer, load_vq(vq) if vq else None, tasks, task_weights)
+        return OptRecipe(tokenizer, load_vq(vq) if vq else None, tasks, task_weights, task_mix)
     raise ValueError(f"unknown recipe {name!r}; choose one of {RECIPES}")
 
 

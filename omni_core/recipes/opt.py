@@ -6,10 +6,16 @@ all of them through the single-modal and cross-modal encoders in one packed pass
 caption targets through the text decoder in one packed pass and the image-code targets
 through the image decoder in another, and sums the tasks' losses with their weights.
 
-The release samples one task per step with mix ratio 1 each; here every task of the mix
-runs every step (the views share one pass, so a step costs about one pass over six views of
-each triplet) and the ratios weight the sum. Masks and negatives come from the step's
-generator only, so a resumed run draws the same ones.
+Two ways to mix the tasks (``task_mix``):
+
+* ``"sample"``, the release's: each step draws one task with probability proportional to its
+  weight (the release's mix ratio, 1 each) and runs only that task's views; the other tasks'
+  loss columns are NaN for the step.
+* ``"sum"`` (the trainer's default): every task runs every step (the views share one pass, so
+  a step costs about one pass over six views of each triplet) and the weights scale the sum.
+
+Masks, negatives and the drawn task come from the step's generator only, so a resumed run
+draws the same ones.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ import torch.nn.functional as F
 from omni_core.data.sample import Sample
 from omni_core.data.tokenizer import CaptionTokenizer
 from omni_core.model.opt import IMAGE_GRID, PRESETS, Encoded, OptModel
-from omni_core.recipes.opt_tasks import VIEWS, StepContext, View, ViewInputs, resolve_tasks, resolve_weights
+from omni_core.recipes.opt_tasks import VIEWS, StepContext, Task, View, ViewInputs, resolve_tasks, resolve_weights
 
-CODE_TASKS = ("mrc", "id")  # the tasks whose targets are image-tokenizer codes
+CODE_TASKS = ("mrc", "id", "id_text", "id_audio")  # the tasks whose targets are image-tokenizer codes
+MIXES = ("sum", "sample")
 
 
 class ImageTokenizer(Protocol):
@@ -41,9 +48,15 @@ class OptRecipe:
     name = "opt"
 
     def __init__(self, tokenizer: CaptionTokenizer, vq: ImageTokenizer | None,
-                 tasks: str | Iterable[str] | None = None, weights: str | Iterable[float] | None = None) -> None:
+                 tasks: str | Iterable[str] | None = None, weights: str | Iterable[float] | None = None,
+                 mix: str = "sum") -> None:
         self.tasks = resolve_tasks(tasks)
         self.weights = resolve_weights(self.tasks, weights)
+        if mix not in MIXES:
+            raise ValueError(f"task mix must be one of {MIXES}, got {mix!r}")
+        if mix == "sample" and not sum(self.weights.values()) > 0:
+            raise ValueError(f"sampling a task per step needs a positive weight, got {self.weights}")
+        self.mix = mix
         needs_codes = [t.name for t in self.tasks if t.name in CODE_TASKS]
         if vq is None and needs_codes:
             raise ValueError(f"tasks {needs_codes} predict image-tokenizer codes: pass --vq DIR "
@@ -86,19 +99,27 @@ class OptRecipe:
 
     # ------------------------------------------------------------------ the step
     def step(self, model: OptModel, samples: list[Sample], g: torch.Generator) -> tuple[torch.Tensor, dict]:
+        if self.mix == "sample":
+            weights = torch.tensor([self.weights[t.name] for t in self.tasks], dtype=torch.float64)
+            task = self.tasks[int(torch.multinomial(weights, 1, generator=g))]
+            loss = self.losses(model, samples, g, tasks=[task])[task.name]
+            return loss, {f"loss_{t.name}": float(loss.detach()) if t is task else float("nan") for t in self.tasks}
         parts = self.losses(model, samples, g)
         total = sum(self.weights[name] * loss for name, loss in parts.items())
         return total, {f"loss_{name}": float(loss.detach()) for name, loss in parts.items()}
 
     def losses(self, model: OptModel, samples: list[Sample], g: torch.Generator,
-               packed: bool = True) -> dict[str, torch.Tensor]:
-        """Each task's loss. ``packed=False`` runs every sequence through the encoders and
-        decoders alone (the reference the packed step must equal)."""
-        ctx = self.context(model, samples, g, packed)
-        return {t.name: t.loss(ctx) for t in self.tasks}
+               packed: bool = True, tasks: list[Task] | None = None) -> dict[str, torch.Tensor]:
+        """Each task's loss (of ``tasks``, default all). ``packed=False`` runs every sequence
+        through the encoders and decoders alone (the reference the packed step must equal)."""
+        tasks = self.tasks if tasks is None else tasks
+        ctx = self.context(model, samples, g, packed, tasks)
+        return {t.name: t.loss(ctx) for t in tasks}
 
-    def context(self, model: OptModel, samples: list[Sample], g: torch.Generator, packed: bool = True) -> StepContext:
-        """Draw the views, run the encoder pass(es); the decoders run when a loss asks."""
+    def context(self, model: OptModel, samples: list[Sample], g: torch.Generator, packed: bool = True,
+                tasks: list[Task] | None = None) -> StepContext:
+        """Draw the views of ``tasks`` (default all), run the encoder pass(es); the decoders run
+        when a loss asks."""
         if not samples:
             raise ValueError("an OPT step needs at least one triplet")
         device = next(model.parameters()).device
@@ -109,7 +130,7 @@ class OptRecipe:
                             [model.audio.num_frames(a.numel()) for a in audio], self.mask_id, self.text_vocab,
                             self.eos_id)
         views: dict[str, list[View]] = {}
-        for task in self.tasks:
+        for task in self.tasks if tasks is None else tasks:
             if task.view not in views:
                 views[task.view] = [VIEWS[task.view](inputs, i, g) for i in range(len(samples))]
         first, flat, offset = {}, [], 0

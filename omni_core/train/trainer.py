@@ -101,6 +101,7 @@ class TrainArgs:
     vq: str | None = None  # opt: the image tokenizer's directory (omni vq train)
     tasks: str | None = None  # opt: comma-separated task names (default: the nine)
     task_weights: str | None = None  # opt: one weight per task (default: 1 each)
+    task_mix: str = "sum"  # opt: sum every task's weighted loss each step, or sample one task per step
 
 
 LAUNCH_FIELDS = ("dist", "checkpoint_activations", "compile", "dist_timeout", "progress")
@@ -213,7 +214,7 @@ def train(args: TrainArgs) -> dict:
     if args.recipe == "opt" and (args.init or args.eval_every_s):
         raise ValueError("--recipe opt does not take --init or --eval-every (evaluate with omni eval --recipe opt)")
     recipe = make_recipe(args.recipe, args.stage, load_tokenizer(args.data), args.gather_grad, args.vq, args.tasks,
-                         args.task_weights)
+                         args.task_weights, args.task_mix)
     if hasattr(recipe, "build_model"):  # a recipe that trains another model family (opt)
         model = recipe.build_model(args.preset, device, args.overrides)
     else:
@@ -439,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vq", help="opt: the image tokenizer's directory (omni vq train --out)")
     p.add_argument("--tasks", help="opt: comma-separated tasks (default mlm,mrc,mrfr,mrct,mafr,mac,itm,td,id)")
     p.add_argument("--task-weights", help="opt: comma-separated weights, one per task (default 1 each)")
+    p.add_argument("--task-mix", choices=["sum", "sample"], default=TrainArgs.task_mix,
+                   help="opt: every task every step, weighted (sum), or one task per step drawn by weight, "
+                        "the release's mix ratio (sample)")
     p.add_argument("--gather-grad", action="store_true",
                    help="distributed: contrastive negatives from other ranks carry gradient")
     p.add_argument("--eval-every", type=float, help="evaluate retrieval every so many training seconds")
@@ -484,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
                      ckpt_every=a.ckpt_every, loader=a.loader, resume=a.resume, progress=not a.no_progress,
                      dist=a.dist, checkpoint_activations=a.checkpoint_activations, compile=a.compile,
                      dist_timeout=a.dist_timeout, accum=a.accum, stream=a.stream,
-                     precision=a.precision, vq=a.vq, tasks=a.tasks, task_weights=a.task_weights)
+                     precision=a.precision, vq=a.vq, tasks=a.tasks, task_weights=a.task_weights,
+                     task_mix=a.task_mix)
     try:
         with dist.peer_guard(a.dist_timeout):
             summary = train(args)
