@@ -1,6 +1,6 @@
 """``omni demo --recipe opt`` (``make demo-opt``): OPT end to end in a 10-minute training budget.
 
-1. generate the 64-px triplet dataset (if ``data/demo`` is missing);
+1. generate the triplet dataset (if ``data/demo128`` is missing; shared with ``omni demo``);
 2. train the VQ image tokenizer (``--vq-minutes`` of the budget) and pre-train ``opt-tiny`` on
    the nine tasks for the rest of it;
 3. evaluate on the eval split (:func:`omni_core.eval.generation.evaluate_opt`): captions from image,
@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from omni_core.data import synth
+from omni_core.demo import RENDER_SIZE
 from omni_core.eval.generation import evaluate_opt, json_ready
 from omni_core.model.vq import VQTrainArgs, to_pixels, train_vq
 from omni_core.train.trainer import TrainArgs, train
 
 PINNED = ("caption_attr_acc_image", "caption_attr_acc_audio", "imagine_colour_match", "vq_psnr", "bleu4_image",
           "cider_image")
-IMAGE_SIZE = 64  # opt-tiny's
+VQ_IMAGE_SIZE = 64  # the image tokenizer's: 8×8 codes of 8×8 pixels
 
 
 def samples_figure(result: dict, data: Path, images: np.ndarray, out: Path, rows: int = 6) -> Path:
@@ -69,7 +70,8 @@ def samples_figure(result: dict, data: Path, images: np.ndarray, out: Path, rows
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="omni demo --recipe opt", description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", choices=["opt"], default="opt")
-    p.add_argument("--data", default="data/demo")
+    p.add_argument("--data", default=f"data/demo{RENDER_SIZE}", help="dataset (shared with `omni demo`)")
+    p.add_argument("--image-size", type=int, default=64, help="pixels per image side opt-tiny sees (64 or 128)")
     p.add_argument("--run", default="runs/opt-demo")
     p.add_argument("--minutes", type=float, default=10.0, help="training budget, VQ tokenizer included")
     p.add_argument("--vq-minutes", type=float, default=1.5, help="share of the budget for the VQ tokenizer")
@@ -95,18 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     if not (data / "manifest.json").exists():
         print(f"[1/4] generating {a.train_samples} + {a.eval_samples} triplets into {data}")
         synth.main(["--out", str(data), "--train", str(a.train_samples), "--eval", str(a.eval_samples),
-                    "--seed", str(a.seed), "--image-size", str(IMAGE_SIZE)])
+                    "--seed", str(a.seed), "--image-size", str(RENDER_SIZE)])
     else:
         print(f"[1/4] dataset found at {data}")
     if run.exists():
         shutil.rmtree(run)
     print(f"[2/4] training the VQ image tokenizer for {a.vq_minutes:g} minutes")
     vq_dir = run / "vq"
-    vq = train_vq(VQTrainArgs(data=str(data), out=str(vq_dir), minutes=a.vq_minutes, image_size=IMAGE_SIZE,
+    vq = train_vq(VQTrainArgs(data=str(data), out=str(vq_dir), minutes=a.vq_minutes, image_size=VQ_IMAGE_SIZE,
                               seed=a.seed))
     minutes = a.minutes - vq["train_seconds"] / 60
     print(f"[3/4] pre-training opt-tiny on the nine tasks for {minutes:.1f} minutes")
     summary = train(TrainArgs(data=str(data), out=str(run), preset="opt-tiny", recipe="opt", vq=str(vq_dir),
+                              overrides={"image_size": a.image_size},
                               minutes=minutes, seed=a.seed, precision="fp32", tasks=a.tasks,
                               task_weights=a.task_weights, task_mix=a.task_mix,
                               token_budget=a.token_budget,
