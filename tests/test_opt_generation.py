@@ -56,6 +56,11 @@ def test_caption_imagine_matching(run: OptRun) -> None:
     pictures = imagine(run, vq, texts=texts)
     assert pictures.shape == (2, 64, 64, 3) and pictures.dtype.name == "uint8"
     assert imagine(run, vq, audio=audio).shape == (2, 64, 64, 3)
+    # top-k sampling: the seed fixes the images; top_k = 1 is greedy
+    sampled = imagine(run, vq, texts=texts, top_k=32, seed=3)
+    assert (sampled == imagine(run, vq, texts=texts, top_k=32, seed=3)).all()
+    assert not (sampled == imagine(run, vq, texts=texts, top_k=32, seed=4)).all()
+    assert (imagine(run, vq, texts=texts, top_k=1) == pictures).all()
     from omni_core.data.sample import Sample
 
     samples = [Sample(str(i), images[i], audio[i], "x", texts[i]) for i in range(2)]
