@@ -2,12 +2,15 @@
 
 import torch
 
+from omni_core.ops.attention import lut_columns
+
 
 def make_pack(lengths: list[int], H: int, D: int, bias: str | None, seed: int = 0, lut: str = "random") -> dict:
     """Random inputs (fp32) for one pack; with a bias, a LUT with about 20% entries of -1:
     ``lut="random"`` draws every (modality, query position, key position) entry; "relative"
     draws one entry per (modality, position difference), as every LUT a model builds, and
-    gives it as ``[M, P, P]``; "compact" gives that LUT as ``[M, 2P-1]``."""
+    gives it as ``[M, P, P]``; "compact" gives that LUT as ``[M, 2P-1]``; "cls_compact" draws
+    the CLS-aware compact ``[M, 2P+2]`` (position 0 reads its own three columns)."""
     g = torch.Generator().manual_seed(seed)
     T = sum(lengths)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
@@ -25,7 +28,7 @@ def make_pack(lengths: list[int], H: int, D: int, bias: str | None, seed: int = 
         modality += [first] * cut + [second] * (L - cut)
         position += list(range(cut)) + list(range(L - cut))
     P = max(lengths) + 2
-    shape = (M, P, P) if lut == "random" else (M, 2 * P - 1)
+    shape = {"random": (M, P, P), "cls_compact": (M, 2 * P + 2)}.get(lut, (M, 2 * P - 1))
     entries = torch.randint(0, NB, shape, generator=g, dtype=torch.int32)
     entries[torch.rand(shape, generator=g) < 0.2] = -1
     if lut == "relative":
@@ -52,7 +55,7 @@ def bias_grad_abs_sums(pack: dict, causal: bool = False) -> torch.Tensor:
         L = end - start
         mod, pos = modality[start:end].long(), position[start:end].long()
         if lut.dim() == 2:
-            entry = lut[mod[:, None], pos[None, :] - pos[:, None] + (lut.shape[1] - 1) // 2].long()
+            entry = lut[mod[:, None], lut_columns(lut, pos[:, None], pos[None, :])].long()
         else:
             entry = lut[mod[:, None], pos[:, None], pos[None, :]].long()
         keep = (mod[:, None] == mod[None, :]) & (entry >= 0)

@@ -219,6 +219,26 @@ def test_dispatch_runs_every_mode_natively(monkeypatch):
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("lut", ["compact", "cls_compact"])
+def test_compact_luts_route_to_the_reference(monkeypatch, lut):
+    """The native kernel reads only the dense [M, P, P] LUT, so it does not list the
+    "relative_lut" mode: a compact LUT ([M, 2P-1] or CLS-aware [M, 2P+2]) on CPU runs the
+    reference by default, and forcing the native backend is an error naming the mode."""
+    pack = make_pack([7, 12], 2, 16, "joint", seed=5, lut=lut)
+    args = (pack["q"], pack["k"], pack["v"], pack["cu"], 12)
+    bias = dict(bias_table=pack["table"], bias_lut=pack["lut"], modality=pack["modality"], position=pack["position"])
+    assert "relative_lut" not in native_attention.native_varlen_attention.modes
+    calls = []
+    apply = native_attention._NativeVarlenAttention.apply
+    monkeypatch.setattr(native_attention._NativeVarlenAttention, "apply", lambda *a: calls.append(a) or apply(*a))
+    monkeypatch.delenv("OMNI_BACKEND", raising=False)
+    assert torch.equal(varlen_attention(*args, **bias), varlen_attention_reference(*args, **bias))
+    assert not calls
+    monkeypatch.setenv("OMNI_BACKEND", "native")
+    with pytest.raises(dispatch.BackendUnavailable, match="relative_lut"):
+        varlen_attention(*args, **bias)
+
+
 @pytest.mark.parametrize("bad, match", [
     ({"q": torch.randn(5, 2, 8, dtype=torch.float64)}, "dtypes disagree"),
     ({"q": torch.randn(5, 2)}, r"\[T, H, Dh\]"),

@@ -19,6 +19,13 @@ from attention_packs import bias_grad_abs_sums, make_pack
 from omni_core.kernels.varlen_attention import op as va  # noqa: E402
 
 from omni_core import compat  # noqa: E402
+from omni_core.model.relpos import (  # noqa: E402
+    beit_lut_2d,
+    bucket_lut_1d,
+    grid_positions,
+    stack_cls_relative,
+    stack_luts,
+)
 from omni_core.ops import varlen_attention, varlen_attention_reference  # noqa: E402
 
 if not va.INTERPRET and not torch.cuda.is_available():
@@ -40,12 +47,13 @@ REDUCTION_ULPS = 4
 
 # name: (sequence lengths, heads, head dim, bias kind, LUT kind). Joint sequences switch
 # modality mid-sequence; positions restart at 0 in every modality segment. LUTs (see
-# attention_packs.make_pack): "relative" [M, P, P] and "compact" [M, 2P-1] are what models
-# build; "random" draws every entry, so the bias gradient's diagonals hold many entries each.
+# attention_packs.make_pack): "relative" [M, P, P], "compact" [M, 2P-1] and "cls_compact"
+# [M, 2P+2] are what models build; "random" draws every entry, so the bias gradient's diagonals hold many entries each.
 CASES = {
     "odd_joint": ([1, 2, 61, 3, 67, 37], 2, 64, "joint", "relative"),
     "one_long": ([1, 263], 1, 80, "joint", "compact"),
     "many_tiny": ([3] * 40 + [131], 2, 32, "single", "compact"),
+    "cls_joint": ([1, 2, 45, 70], 2, 64, "joint", "cls_compact"),
     "no_bias": ([5, 97, 1, 64], 2, 96, None, "random"),
     "d128_random_lut": ([17, 70], 1, 128, "joint", "random"),
 }
@@ -129,6 +137,46 @@ def test_compact_lut_equals_its_dense_form():
     a, b = run(va.varlen_attention_triton, compact, torch.float32), run(va.varlen_attention_triton, dense,
                                                                           torch.float32)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def model_lut_packs(seed: int) -> tuple[dict, dict]:
+    """One pack read two ways: ONE-PEACE's real tables (text and audio 1D log buckets with
+    CLS entries, BEiT's 2D image table, a small grid) as the dense ``[M, P, P]`` LUT at the
+    tokens' positions, and as the CLS-aware compact LUT at image positions respaced by
+    ``grid_positions``. Joint sequences; the image segments keep random patches (masked views)."""
+    grid = 5
+    luts = [bucket_lut_1d(40, 8), beit_lut_2d(grid, grid), bucket_lut_1d(60, 6)]
+    dense, offsets = stack_luts(luts)
+    compact, _ = stack_cls_relative(luts, [None, grid, None])
+    g = torch.Generator().manual_seed(seed)
+    segments = [[(0, 40), (1, 26)], [(1, 12)], [(2, 60), (0, 7)], [(0, 1)]]
+    modality, position, lengths = [], [], []
+    for seq in segments:
+        for m, n in seq:
+            full = luts[m][0].shape[0]
+            keep = torch.arange(n) if n == full or m != 1 else torch.cat(
+                [torch.zeros(1, dtype=torch.long), 1 + torch.randperm(full - 1, generator=g)[:n - 1].sort().values])
+            modality += [m] * n
+            position += keep.tolist()
+        lengths.append(sum(n for _, n in seq))
+    pack = make_pack(lengths, 2, 32, None, seed=seed)
+    modality = torch.tensor(modality)
+    position = torch.tensor(position, dtype=torch.int32)
+    table = torch.randn(offsets[-1], 2, generator=g)
+    as_dense = {**pack, "table": table, "lut": dense, "modality": modality, "position": position}
+    spaced = torch.where(modality == 1, grid_positions(position, grid), position)
+    as_compact = {**as_dense, "lut": compact, "position": spaced}
+    return as_dense, as_compact
+
+
+def test_model_luts_compact_equals_dense_bit_for_bit():
+    """The model's real tables: the compact LUT gathers the dense LUT's entries, so output
+    and every gradient agree bit for bit (kernel and reference), and match float64."""
+    as_dense, as_compact = model_lut_packs(fresh_seed())
+    for fn in (va.varlen_attention_triton, reference):
+        a, b = run(fn, as_dense, torch.float32), run(fn, as_compact, torch.float32)
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    check_against_references(as_compact, torch.bfloat16)
 
 
 def test_bias_gradient_uses_no_atomics():
@@ -227,8 +275,8 @@ def _lut_outside(a):
     a["bias_lut"][0, 0, 0] = a["bias_table"].shape[0]
 
 
-def _lut_even_width(a):
-    a["bias_lut"] = a["bias_lut"][:, 0, :-1].contiguous()  # [M, P-1]: P-1 is even, not 2P'-1
+def _lut_width_two(a):
+    a["bias_lut"] = a["bias_lut"][:, 0, :2].contiguous()  # [M, 2]: neither 2P-1 nor 2P+2 (P >= 1)
 
 
 def _position_outside_compact_lut(a):
@@ -249,7 +297,7 @@ BAD = {
     "cu_seqlens int64": (_cu_int64, TypeError, "int32"),
     "cu_seqlens end": (_cu_short, ValueError, "ends at"),
     "lut outside table": (_lut_outside, ValueError, "bias_lut entries"),
-    "compact lut even width": (_lut_even_width, ValueError, "compact relative"),
+    "compact lut width 2": (_lut_width_two, ValueError, "compact relative"),
     "position outside compact lut": (_position_outside_compact_lut, ValueError, "covers 2 positions"),
     "head dim": (_head_dim, ValueError, "head dim 12"),
     "devices": (_devices, ValueError, "different devices"),

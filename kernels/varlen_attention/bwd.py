@@ -33,7 +33,7 @@ def _bwd_dkdv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     T, H, P, GROUP,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, LUT_REL: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, LUT_FORM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """One key block of one key/value head: dv = sum P^T dO, dk = scale * sum dS^T q, over
     the query blocks of the sequence that can see it and over the GROUP query heads that
@@ -89,7 +89,7 @@ def _bwd_dkdv_kernel(
             if HAS_BIAS:
                 mod_m, pos_m = _load_ids(Modality, Position, rows, row_ok, -1)
                 _, bias = _bias_tile(Table, Lut, mod_m[None, :], pos_m[None, :], mod_n[:, None],
-                                     pos_n[:, None], h, H, P, LUT_REL)
+                                     pos_n[:, None], h, H, P, LUT_FORM)
                 sT += bias * 1.4426950408889634
             pT = tl.math.exp2(sT - lse[None, :])
             pT = tl.where(_allowed(rows[None, :], offs_n[:, None], Lq, Lk, CAUSAL), pT, 0.0)
@@ -112,7 +112,7 @@ def _bwd_dq_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     T, H, P, GROUP, NB,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, LUT_REL: tl.constexpr, BIAS_GRAD: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, LUT_FORM: tl.constexpr, BIAS_GRAD: tl.constexpr, CAUSAL: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """One query block: dq = scale * sum_j dS k over the key blocks it may see, and (with
@@ -162,7 +162,7 @@ def _bwd_dq_kernel(
         if HAS_BIAS:
             mod_n, pos_n = _load_ids(Modality, Position, cols, col_ok, -2)
             entry, bias = _bias_tile(Table, Lut, mod_m[:, None], pos_m[:, None], mod_n[None, :],
-                                     pos_n[None, :], h, H, P, LUT_REL)
+                                     pos_n[None, :], h, H, P, LUT_FORM)
             s += bias * 1.4426950408889634
         p = tl.math.exp2(s - lse[:, None])
         p = tl.where(_allowed(offs_m[:, None], cols[None, :], Lq, Lk, CAUSAL), p, 0.0)

@@ -55,21 +55,43 @@ def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
     return x.to(dtype)
 
 
+# Forms of ``bias_lut`` (the constexpr LUT_FORM of the kernels), told apart by its shape.
+LUT_DENSE = 0  # [M, P, P]: (modality, query position, key position)
+LUT_RELATIVE = 1  # [M, 2P-1]: (modality, key - query position + P - 1)
+LUT_CLS_RELATIVE = 2  # [M, 2P+2]: relative between positions >= 1, three CLS entries for position 0
+
+
+def lut_form(bias_lut: torch.Tensor) -> tuple[int, int]:
+    """(LUT_FORM, P) of a LUT: 3-D is dense, 2-D of odd width relative, of even width the
+    CLS-aware relative form."""
+    if bias_lut.dim() == 3:
+        return LUT_DENSE, bias_lut.shape[1]
+    width = bias_lut.shape[1]
+    return (LUT_RELATIVE, (width + 1) // 2) if width % 2 else (LUT_CLS_RELATIVE, (width - 2) // 2)
+
+
 @triton.jit
-def _bias_tile(Table, Lut, mod_q, pos_q, mod_k, pos_k, h, H, P, LUT_REL: tl.constexpr):
+def _bias_tile(Table, Lut, mod_q, pos_q, mod_k, pos_k, h, H, P, LUT_FORM: tl.constexpr):
     """Bias of a tile from broadcastable row/column ids; returns (entry, bias) with
     entry = -1 where no bias applies (other modality, LUT entry -1, or padding).
 
-    The LUT is ``[M, P, P]`` indexed by (modality, query position, key position), or with
-    ``LUT_REL`` the compact ``[M, 2P-1]`` indexed by (modality, key - query position + P - 1).
+    The LUT is ``[M, P, P]`` indexed by (modality, query position, key position), the
+    compact ``[M, 2P-1]`` indexed by (modality, key - query position + P - 1), or the
+    CLS-aware compact ``[M, 2P+2]``: the relative column between positions >= 1 and, for
+    position 0 (CLS), column 2P-1 (CLS query), 2P (CLS key) or 2P+1 (CLS-CLS), as BEiT's and
+    ONE-PEACE's tables give CLS its own row, column and corner.
     Loads are masked to same-modality pairs, so a tile without one (text rows against image
     keys of a joint sequence) issues no LUT or table load. (A branch around the whole
     gather would skip the address math too, but it costs registers: the forward spilled.)"""
     # int32 offsets (the launcher checks the LUT and table sizes fit) keep register pressure low.
-    if LUT_REL:
+    if LUT_FORM == 0:
+        offs = mod_q * P * P + pos_q * P + pos_k
+    elif LUT_FORM == 1:
         offs = mod_q * (2 * P - 1) + (pos_k - pos_q + (P - 1))
     else:
-        offs = mod_q * P * P + pos_q * P + pos_k
+        col = tl.where(pos_q == 0, tl.where(pos_k == 0, 2 * P + 1, 2 * P - 1),
+                       tl.where(pos_k == 0, 2 * P, pos_k - pos_q + (P - 1)))
+        offs = mod_q * (2 * P + 2) + col
     entry = tl.load(Lut + offs, mask=mod_q == mod_k, other=-1)
     bias = tl.load(Table + (entry * H + h), mask=entry >= 0, other=0.0)
     return entry, bias.to(tl.float32)

@@ -80,7 +80,7 @@ def _autotuned(fn, table: dict[tuple[str, int], list[tuple[int, int, int, int]]]
     return tuned
 
 
-_KEY = ["HEAD_DIM", "HAS_BIAS", "LUT_REL", "CAUSAL"]
+_KEY = ["HEAD_DIM", "HAS_BIAS", "LUT_FORM", "CAUSAL"]
 _fwd = _autotuned(_fwd_kernel, FWD_CONFIGS, key=_KEY)
 _bwd_dkdv = _autotuned(_bwd_dkdv_kernel, DKDV_CONFIGS, key=_KEY)
 # Keyed by whether the dq kernel also accumulates the bias gradient.
@@ -129,7 +129,7 @@ def aot_configs() -> list[AotConfig]:
             )
             for causal in (False, True):
                 common = {"HEAD_DIM": head_dim, "D_PAD": _d_pad(head_dim), "HAS_BIAS": not causal,
-                          "LUT_REL": not causal, "CAUSAL": causal, "UPCAST": False, "IEEE": dtype == "fp32"}
+                          "LUT_FORM": not causal, "CAUSAL": causal, "UPCAST": False, "IEEE": dtype == "fp32"}
                 for name, fn, tuned, extra, backward in kernels:
                     if causal and name.endswith("_bias_grad"):
                         continue  # without a bias there is no bias gradient

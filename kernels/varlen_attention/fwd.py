@@ -30,7 +30,7 @@ def _fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     T, H, P, GROUP,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, LUT_REL: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, LUT_FORM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     qb = tl.program_id(0)
     b = tl.program_id(1)
@@ -72,7 +72,7 @@ def _fwd_kernel(
         if HAS_BIAS:
             mod_n, pos_n = _load_ids(Modality, Position, cols, col_ok, -2)
             _, bias = _bias_tile(Table, Lut, mod_m[:, None], pos_m[:, None], mod_n[None, :],
-                                 pos_n[None, :], h, H, P, LUT_REL)
+                                 pos_n[None, :], h, H, P, LUT_FORM)
             s += bias * 1.4426950408889634
         s = tl.where(_allowed(offs_m[:, None], cols[None, :], Lq, Lk, CAUSAL), s, float("-inf"))
         m_i, l_i, acc = _online_softmax_update(s, v, m_i, l_i, acc, UPCAST, IEEE)

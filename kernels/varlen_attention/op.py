@@ -14,7 +14,16 @@ import math
 import torch
 import triton
 from omni_core.kernels.varlen_attention.bias_grad import bias_grad_buffer, finish_bias_grad
-from omni_core.kernels.varlen_attention.common import DTYPES, INTERPRET, LN2, LOG2E, MAX_HEAD_DIM, _d_pad
+from omni_core.kernels.varlen_attention.common import (
+    DTYPES,
+    INTERPRET,
+    LN2,
+    LOG2E,
+    LUT_DENSE,
+    MAX_HEAD_DIM,
+    _d_pad,
+    lut_form,
+)
 from omni_core.kernels.varlen_attention.configs import (
     DQ_BIAS_GRAD_CONFIGS,
     INTERPRET_CONFIG,
@@ -57,9 +66,10 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.
                          "with cu_seqlens_k (cross-attention)")
     if given and len(given) != 4:
         raise ValueError("the bias needs bias_table, bias_lut, modality and position together")
-    if given and not (given[1].dim() == 3 or (given[1].dim() == 2 and given[1].shape[1] % 2 == 1)):
-        raise ValueError(f"bias_lut must be [M, P, P] or the compact relative [M, 2P-1], got "
-                         f"{tuple(given[1].shape)}")
+    compact = given and given[1].dim() == 2 and (given[1].shape[1] % 2 == 1 or given[1].shape[1] >= 4)
+    if given and not (given[1].dim() == 3 or compact):
+        raise ValueError(f"bias_lut must be [M, P, P], the compact relative [M, 2P-1] or the CLS-aware "
+                         f"[M, 2P+2], got {tuple(given[1].shape)}")
     if given and (given[1].numel() >= 2**31 or given[0].numel() >= 2**31):
         raise ValueError("bias_lut and bias_table must each hold fewer than 2**31 entries (int32 offsets)")
     extra = [cu_seqlens_k] if cu_seqlens_k is not None else []
@@ -83,16 +93,15 @@ def _strides(t: torch.Tensor) -> tuple[int, int]:
 
 def _bias_args(bias_table, bias_lut, modality, position, like: torch.Tensor):
     """Kernel bias arguments (table, lut, modality, position, P) and the constexprs
-    HAS_BIAS, LUT_REL; dummies (never read) when there is no bias. P is the number of
-    positions: ``[M, P, P]`` or, compact, ``[M, 2P-1]``."""
+    HAS_BIAS, LUT_FORM; dummies (never read) when there is no bias. P is the number of
+    positions (see :func:`~omni_core.kernels.varlen_attention.common.lut_form`)."""
     if bias_table is None:
         dummy_f = like.new_empty(1, dtype=torch.float32)
         dummy_i = like.new_empty(1, dtype=torch.int32)
-        return (dummy_f, dummy_i, dummy_i, dummy_i, 1), {"HAS_BIAS": False, "LUT_REL": False}
-    relative = bias_lut.dim() == 2
-    P = (bias_lut.shape[1] + 1) // 2 if relative else bias_lut.shape[1]
+        return (dummy_f, dummy_i, dummy_i, dummy_i, 1), {"HAS_BIAS": False, "LUT_FORM": LUT_DENSE}
+    form, P = lut_form(bias_lut)
     return ((bias_table.contiguous(), bias_lut.contiguous(), modality.to(torch.int32).contiguous(),
-             position.contiguous(), P), {"HAS_BIAS": True, "LUT_REL": relative})
+             position.contiguous(), P), {"HAS_BIAS": True, "LUT_FORM": form})
 
 
 def _launch_fwd(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, scale, causal, bias_table, bias_lut, modality,

@@ -17,8 +17,16 @@ from torch import nn
 
 from omni_core import ops
 from omni_core.model.adapters import ONE_PEACE_AUDIO_CONVS, AudioAdapter, ImageAdapter, TextAdapter
-from omni_core.model.relpos import MAX_POSITION, beit_lut_2d, bucket_lut_1d, stack_luts
+from omni_core.model.relpos import (
+    MAX_POSITION,
+    beit_lut_2d,
+    bucket_lut_1d,
+    grid_positions,
+    stack_cls_relative,
+    stack_luts,
+)
 from omni_core.nn import ModalityLayerNorm, ModalityRoutedFFN, VarlenAttention
+from omni_core.ops.attention import backend_implements
 
 TEXT, IMAGE, AUDIO = 0, 1, 2
 MODALITIES = ("text", "image", "audio")
@@ -163,6 +171,7 @@ class OmniModel(nn.Module):
                                   cfg.audio_conv_layers, cfg.audio_pos_depth, cfg.audio_pos_width,
                                   cfg.audio_pos_groups, cfg.audio_mel_downsample, cfg.audio_max_frames)
         self.register_buffer("bias_lut", bias_lut(cfg), persistent=False)
+        self.register_buffer("bias_lut_compact", bias_lut_compact(cfg), persistent=False)
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
         self.final_norm = ModalityLayerNorm(len(MODALITIES), cfg.dim)
@@ -184,6 +193,7 @@ class OmniModel(nn.Module):
         device: for a model built on ``meta`` whose weights were then assigned."""
         device = self.logit_scale.device
         self.bias_lut = bias_lut(self.cfg).to(device)
+        self.bias_lut_compact = bias_lut_compact(self.cfg).to(device)
         self.audio.rebuild_buffers(device)
 
     def bias_table(self) -> torch.Tensor:
@@ -233,9 +243,17 @@ class OmniModel(nn.Module):
         return ops.PackedBatch.from_segments(rows, num_modalities=len(MODALITIES))
 
     def encode(self, batch: ops.PackedBatch) -> torch.Tensor:
+        """The stack over a packed batch. Where the attention backend takes it, the bias is
+        read through the compact LUT (:func:`bias_lut_compact`, image positions respaced):
+        the same entries as ``bias_lut``, O(P) instead of O(P^2) bytes to gather."""
         x, table = batch.x, self.bias_table()
+        attn_batch, lut = batch, self.bias_lut
+        if backend_implements("relative_lut", x.device):
+            spaced = grid_positions(batch.position, self.cfg.image_size // 16)
+            attn_batch = replace(batch, position=torch.where(batch.modality == IMAGE, spaced, batch.position))
+            lut = self.bias_lut_compact
         for block in self.blocks:
-            x = block(x, batch, self.bias_lut, table)
+            x = block(x, attn_batch, lut, table)
         return self.final_norm(x, batch.modality)
 
     def forward(self, inputs: ModalInputs, sequences: list[list[SegmentRef]]) -> tuple[torch.Tensor, ops.PackedBatch]:
@@ -284,6 +302,18 @@ def bias_lut(cfg: OmniConfig) -> torch.Tensor:
     lut, _ = stack_luts([bucket_lut_1d(cfg.text_positions, cfg.text_bucket), beit_lut_2d(grid, grid),
                          bucket_lut_1d(cfg.audio_max_frames + 1, cfg.audio_bucket)])
     return lut
+
+
+def bias_lut_compact(cfg: OmniConfig) -> torch.Tensor:
+    """The CLS-aware compact ``[3, 2P+2]`` form of :func:`bias_lut`, with image positions read
+    through :func:`~omni_core.model.relpos.grid_positions`: O(P) where the dense LUT is O(P^2)."""
+    grid = cfg.image_size // 16
+    device = torch.get_default_device()  # meta for a model built on meta; the checks need values
+    with torch.device("cpu"):
+        lut, _ = stack_cls_relative([bucket_lut_1d(cfg.text_positions, cfg.text_bucket), beit_lut_2d(grid, grid),
+                                     bucket_lut_1d(cfg.audio_max_frames + 1, cfg.audio_bucket)],
+                                    [None, grid, None])
+    return lut.to(device)
 
 
 def prepare_waveform(wave: torch.Tensor, sample_rate: int = 16000) -> torch.Tensor:

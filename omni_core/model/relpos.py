@@ -7,6 +7,14 @@ three adapters' tables (``bias_table``). -1 means "no bias" (positions a modalit
 
 The buckets are ONE-PEACE's (see ``/work/shared/ONE-PEACE.md`` §6): position 0 is CLS and
 gets its own query-row, key-column and corner entries.
+
+Every table the model builds is relative between positions >= 1 (1D: the bucket of
+``i - j``; BEiT's 2D: the row and column offsets), so the model also takes the
+CLS-aware compact form ``[M, 2P+2]`` (:func:`stack_cls_relative`): O(P) instead of
+O(P^2), read by ``varlen_attention`` at column ``key - query + P - 1`` or, for CLS, at the
+three columns after it. A 2D grid becomes 1D relative by spacing its rows ``2W - 1`` apart
+(:func:`grid_positions`): then ``key - query = dy (2W - 1) + dx`` with ``|dx| < W``, one
+difference per (dy, dx).
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from omni_core.ops.attention import compact_columns
 
 MAX_POSITION = 1024  # ONE-PEACE builds every 1D bucket table for 1024 positions
 
@@ -102,3 +112,51 @@ def relative_lut(lut: torch.Tensor) -> torch.Tensor:
         q, k = (int(i) for i in torch.nonzero(mismatch)[0, -2:])
         raise ValueError(f"the LUT is not relative: entry ({q}, {k}) differs from others at key - query = {k - q}")
     return compact
+
+
+def grid_positions(position: torch.Tensor, width: int) -> torch.Tensor:
+    """Positions of a row-major ``width``-wide grid with CLS at 0 (``1 + y*width + x``)
+    respaced to ``1 + y*(2*width - 1) + x`` (CLS stays 0): over these a 2D relative LUT is 1D
+    relative, since ``key - query`` determines (dy, dx)."""
+    patch = (position - 1).clamp(min=0)
+    spaced = 1 + patch // width * (2 * width - 1) + patch % width
+    return torch.where(position > 0, spaced, position).to(position.dtype)
+
+
+def cls_relative_lut(lut: torch.Tensor, positions: torch.Tensor, P: int) -> torch.Tensor:
+    """The CLS-aware compact form ``[2P+2]`` of one modality's LUT ``[n, n]`` whose row and
+    column i belong to the token at ``positions[i]`` (position 0 is CLS; ``arange(n)`` for a
+    1D LUT, :func:`grid_positions` of it for a grid). Columns no pair reads are -1. Raises
+    ValueError when two pairs that share a column have different entries (the LUT is not
+    relative between positions >= 1, or CLS's row/column is not constant)."""
+    n = lut.shape[0]
+    if lut.shape != (n, n) or positions.shape != (n,):
+        raise ValueError(f"expected a LUT [n, n] and positions [n], got {tuple(lut.shape)}, {tuple(positions.shape)}")
+    if n and (int(positions.min()) < 0 or int(positions.max()) >= P):
+        raise ValueError(f"positions must lie in [0, P={P})")
+    pos = positions.long()
+    column = compact_columns(pos[:, None], pos[None, :], P, cls=True)
+    compact = torch.full((2 * P + 2,), -1, dtype=lut.dtype)
+    compact[column] = lut  # any pair of a column; checked below
+    mismatch = compact[column] != lut
+    if bool(mismatch.any()):
+        q, k = (int(i) for i in torch.nonzero(mismatch)[0])
+        raise ValueError(f"the LUT has no CLS-aware relative form: entry ({q}, {k}) differs from another pair "
+                         f"reading its column")
+    return compact
+
+
+def stack_cls_relative(luts: list[tuple[torch.Tensor, int]],
+                       widths: list[int | None]) -> tuple[torch.Tensor, list[int]]:
+    """The CLS-aware compact ``[M, 2P+2]`` form of :func:`stack_luts` (same row offsets): a
+    modality with a grid width in ``widths`` is read at :func:`grid_positions`, the others at
+    their own positions. P covers every modality's largest position. Returns (bias_lut,
+    offsets); real (in-range) pairs read exactly the entries of the dense form."""
+    positions = [torch.arange(lut.shape[0]) if w is None else grid_positions(torch.arange(lut.shape[0]), w)
+                 for (lut, _), w in zip(luts, widths, strict=True)]
+    P = max(int(p.max()) + 1 for p in positions)
+    rows, offsets = [], [0]
+    for (lut, n_rows), pos in zip(luts, positions):
+        rows.append(cls_relative_lut(lut + offsets[-1], pos, P))
+        offsets.append(offsets[-1] + n_rows)
+    return torch.stack(rows).to(torch.int32), offsets

@@ -21,13 +21,18 @@ Contract (the Triton kernel in ``kernels/varlen_attention/`` implements exactly 
   ``modality[i] == modality[j] == m`` and that LUT entry is >= 0; otherwise nothing.
   A LUT that depends only on position differences can be given in the compact relative form
   ``[M, 2P-1]`` (odd width), read as ``bias_lut[m, pos[j] - pos[i] + P - 1]``: O(P) instead
-  of O(P^2) (``omni_core.model.relpos.relative_lut`` converts).
+  of O(P^2) (``omni_core.model.relpos.relative_lut`` converts). One that is relative except
+  for position 0 (CLS: its own query row, key column and corner, as ONE-PEACE's and BEiT's
+  tables) takes the CLS-aware compact form ``[M, 2P+2]`` (even width): column
+  ``pos[j] - pos[i] + P - 1`` when both positions are >= 1, else column ``2P-1`` (query is
+  CLS), ``2P`` (key is CLS) or ``2P+1`` (both) (``relpos.cls_relative_lut`` converts; a 2-D
+  image bias becomes 1-D relative over ``relpos.grid_positions``).
 * ``return_lse=True`` returns ``(out, lse)`` with lse ``[H, Tq]`` in natural log, float32
   (float64 for float64 inputs), as flash-attn's varlen LSE.
 
 Backends and modes. Plain self-attention (equal heads, no causal mask, no LSE) is what every
 backend implements. The other modes — ``"causal"``, ``"cross"`` (``cu_seqlens_k``), ``"gqa"``
-(Hk < H), ``"lse"`` and ``"relative_lut"`` (the compact ``[M, 2P-1]`` LUT) — are run by a
+(Hk < H), ``"lse"`` and ``"relative_lut"`` (either compact LUT form) — are run by a
 backend only when its implementation lists them in a ``modes`` attribute (a set of those
 names); the call then passes ``causal``, ``cu_seqlens_k``, ``max_seqlen_k`` and
 ``return_lse`` as keywords (``"relative_lut"`` needs none: the LUT's shape says it).
@@ -124,10 +129,10 @@ def validate_varlen_attention(
     if not bias_table.dtype.is_floating_point:
         raise TypeError(f"bias_table must be floating point, got {bias_table.dtype}")
     dense = bias_lut.dim() == 3 and bias_lut.shape[1] == bias_lut.shape[2]
-    relative = bias_lut.dim() == 2 and bias_lut.shape[1] % 2 == 1
+    relative = bias_lut.dim() == 2 and (bias_lut.shape[1] % 2 == 1 or bias_lut.shape[1] >= 4)
     if bias_lut.dtype != torch.int32 or not (dense or relative):
-        raise ValueError(f"bias_lut must be int32 [M, P, P] or the compact relative [M, 2P-1], got "
-                         f"{tuple(bias_lut.shape)} {bias_lut.dtype}")
+        raise ValueError(f"bias_lut must be int32 [M, P, P], the compact relative [M, 2P-1] (odd width) or the "
+                         f"CLS-aware compact [M, 2P+2] (even width), got {tuple(bias_lut.shape)} {bias_lut.dtype}")
     if modality.shape != (T,) or modality.dtype.is_floating_point:
         raise ValueError(f"modality must be an integer [T={T}] tensor, got {tuple(modality.shape)} {modality.dtype}")
     if position.shape != (T,) or position.dtype != torch.int32:
@@ -138,8 +143,28 @@ def validate_varlen_attention(
 
 
 def lut_positions(bias_lut: torch.Tensor) -> int:
-    """P, the number of positions a LUT covers: ``[M, P, P]`` or compact ``[M, 2P-1]``."""
-    return (bias_lut.shape[1] + 1) // 2 if bias_lut.dim() == 2 else bias_lut.shape[1]
+    """P, the number of positions a LUT covers: ``[M, P, P]``, compact ``[M, 2P-1]`` or
+    CLS-aware compact ``[M, 2P+2]``."""
+    if bias_lut.dim() == 3:
+        return bias_lut.shape[1]
+    width = bias_lut.shape[1]
+    return (width + 1) // 2 if width % 2 else (width - 2) // 2
+
+
+def lut_columns(bias_lut: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor) -> torch.Tensor:
+    """Column of a compact LUT (``[M, 2P-1]`` or CLS-aware ``[M, 2P+2]``) read by query
+    positions ``pos_q`` and key positions ``pos_k`` (broadcast, int64)."""
+    return compact_columns(pos_q, pos_k, lut_positions(bias_lut), cls=bias_lut.shape[1] % 2 == 0)
+
+
+def compact_columns(pos_q: torch.Tensor, pos_k: torch.Tensor, P: int, cls: bool) -> torch.Tensor:
+    """Compact-LUT column of (query, key) positions: ``pos_k - pos_q + P - 1``; with ``cls``
+    position 0 reads its own columns: ``2P-1`` (CLS query), ``2P`` (CLS key), ``2P+1`` (both)."""
+    column = pos_k - pos_q + P - 1
+    if not cls:
+        return column
+    cls_q, cls_k = pos_q == 0, pos_k == 0
+    return torch.where(cls_q, torch.where(cls_k, 2 * P + 1, 2 * P - 1), torch.where(cls_k, 2 * P, column))
 
 
 def _check_bias_layout(modality: torch.Tensor, position: torch.Tensor, bias_lut: torch.Tensor, NB: int) -> None:
@@ -318,12 +343,21 @@ def _bias_rows(idx: torch.Tensor, bias_lut: torch.Tensor, modality: torch.Tensor
     LUT entry >= 0) as ``[n, L, L, 1]``."""
     mod = modality[idx].long()
     pos = position[idx].long()
-    if bias_lut.dim() == 2:  # compact relative LUT [M, 2P-1]
-        entry = bias_lut[mod[:, :, None], pos[:, None, :] - pos[:, :, None] + lut_positions(bias_lut) - 1].long()
+    if bias_lut.dim() == 2:  # a compact LUT
+        entry = bias_lut[mod[:, :, None], lut_columns(bias_lut, pos[:, :, None], pos[:, None, :])].long()
     else:
         entry = bias_lut[mod[:, :, None], pos[:, :, None], pos[:, None, :]].long()
     keep = (mod[:, :, None] == mod[:, None, :]) & (entry >= 0)
     return entry.clamp(min=0).flatten(), keep[..., None]
+
+
+def backend_implements(mode: str, device: torch.device) -> bool:
+    """Whether the backend a ``varlen_attention`` call on ``device`` resolves to implements
+    ``mode``. The model asks before passing its compact LUT (``"relative_lut"``), so a backend
+    that reads only the dense LUT (the native CPU kernel) keeps running instead of the call
+    falling back to the reference."""
+    _, impl = dispatch.resolve(OP, device)
+    return mode in getattr(impl, "modes", ())
 
 
 def varlen_attention(
