@@ -499,34 +499,66 @@ def _phases(kernel: str, case: str, forward: Callable[[], torch.Tensor], inputs:
             summarise(f"{kernel}_bwd", case, bwd, ideal_bwd, dtype, note, useful_bwd)]
 
 
-def attention_cases(pack: str, dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:
-    """Cases ``<pack>-bias`` (the relative LUT in its compact ``[M, 2P-1]`` form, as the
-    op takes a relative LUT), ``<pack>-bias-dense`` (the same LUT as ``[M, P, P]``) and
-    ``<pack>-nobias``; forward and whole backward each."""
+BIAS_ARGS = ("bias_table", "bias_lut", "modality", "position")
+
+
+def attention_cases(pack: str, dtype: torch.dtype = torch.bfloat16,
+                    variants: tuple[str | None, ...] = ("compact", "dense", None)) -> list[dict[str, Any]]:
+    """Cases ``<pack>-bias`` (a 1-D relative LUT in its compact ``[M, 2P-1]`` form),
+    ``<pack>-bias-dense`` (the same LUT as ``[M, P, P]``) and ``<pack>-nobias``; with the
+    variants "model" / "model-dense", ``<pack>-bias-model`` (ONE-PEACE-4B's real tables: 1-D
+    log buckets with CLS entries for text and audio, BEiT's 2-D image table, in the CLS-aware
+    compact ``[M, 2P+2]`` form at respaced image positions, as the model passes them) and
+    ``<pack>-bias-model-dense`` (the same tables as the model's dense ``[M, P, P]`` LUT).
+    Forward and whole backward each."""
     from omni_core.model.relpos import relative_lut
     from omni_core.ops import varlen_attention
+    from omni_core.ops.attention import validate_varlen_attention
 
     seqs = pack_sequences(pack, PACKS[pack])
     cu, modality, position = _tokens(seqs)
     T = int(cu[-1])
     max_len = max(sum(n for _, n in s) for s in seqs)
     rows = []
-    for bias in ("compact", "dense", None):
+    for bias in variants:
         g = torch.Generator().manual_seed(1)
         q, k, v = (torch.randn(T, SCALED_HEADS, HEAD_DIM, generator=g).to(dtype).requires_grad_() for _ in range(3))
         extra: dict[str, torch.Tensor] = {}
-        if bias:
+        if bias in ("compact", "dense"):
             lut, nb = _bias_lut(int(position.max()) + 1)
+            extra = {"bias_lut": relative_lut(lut) if bias == "compact" else lut, "position": position}
+        elif bias:
+            lut, nb, pos = _model_lut(bias == "model", modality, position)
+            extra = {"bias_lut": lut, "position": pos}
+        if bias:
             extra = {"bias_table": (0.1 * torch.randn(nb, SCALED_HEADS, generator=g)).to(dtype).requires_grad_(),
-                     "bias_lut": relative_lut(lut) if bias == "compact" else lut,
-                     "modality": modality, "position": position}
+                     "bias_lut": extra["bias_lut"], "modality": modality, "position": extra["position"]}
         inputs = [q, k, v, cu, *extra.values()]
         note = f"{T} tokens, {len(seqs)} sequences, {SCALED_HEADS} of {HEADS} heads, head dim {HEAD_DIM}"
-        case = {"compact": "bias", "dense": "bias-dense", None: "nobias"}[bias]
+        case = {"compact": "bias", "dense": "bias-dense", None: "nobias"}.get(bias, f"bias-{bias}")
+        # The value checks (cu_seqlens, LUT range: full reads of the LUT) run once per batch and
+        # are memoised for every later layer: run them first, so the rows count one layer's call.
+        validate_varlen_attention(q, k, v, cu, max_len, *(extra.get(n) for n in BIAS_ARGS))
         rows += _phases("varlen_attention", f"{pack}-{case}",
                         lambda q=q, k=k, v=v, extra=extra: varlen_attention(q, k, v, cu, max_len, **extra),
                         inputs, "bf16", note)
     return rows
+
+
+def _model_lut(compact: bool, modality: torch.Tensor,
+               position: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """ONE-PEACE-4B's LUT as ``OmniModel.encode`` passes it: (lut, table rows, positions);
+    compact, the image positions respaced to the 16-wide patch grid."""
+    from omni_core.model.omni import PRESETS, bias_lut, bias_lut_compact
+    from omni_core.model.relpos import grid_positions
+
+    cfg = PRESETS["one-peace-4b"]
+    dense = bias_lut(cfg)
+    rows = int(dense.max()) + 1
+    if not compact:
+        return dense, rows, position
+    spaced = grid_positions(position, cfg.image_size // 16)
+    return bias_lut_compact(cfg), rows, torch.where(modality == IMAGE, spaced, position)
 
 
 def _ffn_params(T: int, modality: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -602,6 +634,8 @@ def _ffn_rows(pack: str, shapes: dict[str, tuple[int, int, int]] | None = None) 
 CASES: dict[str, Callable[[], list[dict[str, Any]]]] = {
     "varlen_attention/stage1": lambda: attention_cases("stage1"),
     "varlen_attention/stage2": lambda: attention_cases("stage2"),
+    "varlen_attention/stage1-model": lambda: attention_cases("stage1", variants=("model", "model-dense")),
+    "varlen_attention/stage2-model": lambda: attention_cases("stage2", variants=("model", "model-dense")),
     "routed_ffn/stage1": lambda: _ffn_rows("stage1"),
     "routed_ffn/stage2": lambda: _ffn_rows("stage2"),
     "layer_norm/stage1": lambda: layer_norm_cases("stage1"),

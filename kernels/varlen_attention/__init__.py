@@ -7,8 +7,10 @@ sequence b attends only to key sequence b, optionally with the bottom-right caus
 (row i sees key j iff ``j <= i + Lk - Lq``); query head h reads key head ``h // (H / Hk)``;
 when a bias is given (self-attention only), the logit of query ``i`` and key ``j`` gets
 ``bias_table[bias_lut[m, pos[i], pos[j]], h]`` (or, with the compact relative LUT
-``[M, 2P-1]``, ``bias_table[bias_lut[m, pos[j] - pos[i] + P - 1], h]``) if both tokens
-carry modality ``m`` and that LUT entry is ``>= 0``.
+``[M, 2P-1]``, ``bias_table[bias_lut[m, pos[j] - pos[i] + P - 1], h]``; with the CLS-aware
+compact ``[M, 2P+2]`` the same between positions >= 1 and columns ``2P-1``, ``2P``, ``2P+1``
+when the query, the key or both are position 0) if both tokens carry modality ``m`` and
+that LUT entry is ``>= 0``.
 
 How it works
 ------------
@@ -28,8 +30,11 @@ How it works
 * **Bias.** Gathered per tile: ``modality`` and ``position`` of the rows and columns index
   ``bias_lut``, whose entry indexes ``bias_table``. Neither ``[T, T]`` nor ``[H, L, L]`` is
   ever materialised. A tile without a same-modality pair (text rows against image keys of
-  a joint sequence) loads no LUT or table entry. The compact ``[M, 2P-1]`` LUT is O(P)
-  where ``[M, P, P]`` is O(P^2), so its gathers hit a few cache lines.
+  a joint sequence) loads no LUT or table entry. The compact LUTs (``[M, 2P-1]``, and
+  ``[M, 2P+2]`` for ONE-PEACE's tables with their CLS row, column and corner; BEiT's 2-D
+  image table is relative over positions respaced by ``relpos.grid_positions``) are O(P)
+  where ``[M, P, P]`` is O(P^2), so their gathers hit a few cache lines. The form is the
+  constexpr ``LUT_FORM`` (``common.lut_form`` reads it from the shape).
 * **Forward.** Online softmax in base 2 (``exp2`` is one instruction); the row
   log-sum-exp (base 2) is saved for the backward and returned (natural log) on request.
 * **Backward.** ``delta = rowsum(dO * O)``, then two kernels that recompute the

@@ -98,8 +98,8 @@ def relative_lut(lut: torch.Tensor) -> torch.Tensor:
     only on the position difference (entry ``key - query + P - 1``): what
     ``ops.varlen_attention`` reads in O(P) instead of O(P^2). Raises ValueError when the LUT is
     not relative: ONE-PEACE's 1D LUTs give CLS (position 0) its own row and column, and
-    BEiT's 2D LUT depends on the row and column offsets of the patch grid, so those stay
-    ``[M, P, P]``."""
+    BEiT's 2D LUT depends on the row and column offsets of the patch grid; those take the
+    CLS-aware form instead (:func:`stack_cls_relative`)."""
     P = lut.shape[-1]
     if lut.dim() < 2 or lut.shape[-2] != P:
         raise ValueError(f"expected a LUT [..., P, P], got {tuple(lut.shape)}")
