@@ -149,14 +149,16 @@ def _merge_kernel(
 # are HMMA (mma.sync) on sm_90 too: warpgroup MMA (HGMMA) needs 64 rows per warpgroup, and
 # padding a decode tile to 64 rows would quadruple its MMA work for nothing, since a decode
 # step is bound by reading the cache; 64-row tiles (G * Lq > 32) get HGMMA. fp32 tiles stay
-# at 16 rows and small key blocks (IEEE dots on the CUDA cores keep operands in registers).
+# at 16 rows and small key blocks (IEEE dots on the CUDA cores keep operands in registers);
+# fp32 at D 128/256 needs 8 warps to spread them: with 4 warps (BLOCK_N 16) ptxas spilled 16
+# bytes on sm_80 at D 128, and (16, 8, 1) spilled on sm_90 at D 256; (32, 8, 1) spills on neither.
 SPLIT_CONFIGS = {
     ("half", 64): (64, 4, 2),
     ("half", 128): (64, 4, 2),
     ("half", 256): (32, 8, 2),
     ("fp32", 64): (32, 4, 1),
-    ("fp32", 128): (16, 4, 1),
-    ("fp32", 256): (16, 8, 1),
+    ("fp32", 128): (32, 8, 1),
+    ("fp32", 256): (32, 8, 1),
 }
 INTERPRET_BLOCK_N = 64
 MAX_SPLITS = 64
