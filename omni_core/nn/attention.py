@@ -27,7 +27,9 @@ class VarlenAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ops.PackedBatch, bias_lut: torch.Tensor | None = None,
                 bias_table: torch.Tensor | None = None) -> torch.Tensor:
-        """``bias_table [NB, H]`` and ``bias_lut [M, P, P]`` together, or neither (no bias)."""
+        """``bias_table [NB, H]`` and ``bias_lut`` together, or neither (no bias). The LUT is in any
+        form ``ops.varlen_attention`` takes: dense ``[M, P, P]``, relative ``[M, 2P-1]`` or the
+        CLS-aware relative ``[M, 2P+2]``."""
         if (bias_table is None) != (bias_lut is None):
             raise ValueError("pass bias_table and bias_lut together (or neither)")
         T = x.shape[0]
