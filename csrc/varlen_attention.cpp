@@ -82,8 +82,21 @@ Args make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
                 "], got ", table->sizes());
     TORCH_CHECK(table->scalar_type() == q.scalar_type(), "varlen_attention (native): bias_table dtype ",
                 table->scalar_type(), " differs from q's ", q.scalar_type());
-    TORCH_CHECK(lut->scalar_type() == at::kInt && lut->dim() == 3 && lut->size(1) == lut->size(2),
-                "varlen_attention (native): bias_lut must be int32 [M, P, P], got ", lut->sizes());
+    const bool dense = lut->dim() == 3 && lut->size(1) == lut->size(2);
+    const bool compact = lut->dim() == 2 && (lut->size(1) % 2 == 1 || lut->size(1) >= 4);
+    TORCH_CHECK(lut->scalar_type() == at::kInt && (dense || compact), "varlen_attention (native): bias_lut must be ",
+                "int32 [M, P, P], the relative [M, 2P-1] (odd width) or the CLS-aware [M, 2P+2] (even width), got ",
+                lut->sizes(), " ", lut->scalar_type());
+    if (dense) {
+      a.lut_form = LutForm::kDense;
+      a.lut_positions = lut->size(1);
+    } else if (lut->size(1) % 2 == 1) {
+      a.lut_form = LutForm::kRelative;
+      a.lut_positions = (lut->size(1) + 1) / 2;
+    } else {
+      a.lut_form = LutForm::kClsRelative;
+      a.lut_positions = (lut->size(1) - 2) / 2;
+    }
     TORCH_CHECK(modality->dim() == 1 && modality->size(0) == T && !at::isFloatingType(modality->scalar_type()),
                 "varlen_attention (native): modality must be an integer [T=", T, "] tensor");
     TORCH_CHECK(position->scalar_type() == at::kInt && position->dim() == 1 && position->size(0) == T,
@@ -96,7 +109,7 @@ Args make_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
     a.position = position->contiguous();
     // Out-of-range ids would read outside the LUT: checked here, before any work (O(T)). The
     // LUT's entries are checked by the kernel where it reads them (an error after the run).
-    const int64_t M = a.lut.size(0), P = a.lut.size(1);
+    const int64_t M = a.lut.size(0), P = a.lut_positions;
     if (T > 0) {
       TORCH_CHECK(a.modality.min().item<int>() >= 0 && a.modality.max().item<int>() < M,
                   "varlen_attention (native): modality ids must lie in [0, ", M, ")");

@@ -13,12 +13,19 @@ namespace omni::attention {
 // Everything a kernel reads. Tensors are contiguous, on the CPU, in one float dtype
 // (float or double): q [Tq, H, Dh], k and v [Tk, Hk, Dh]; cu_seqlens_k is cu_seqlens for
 // self-attention. `table` is undefined when there is no bias (always, for cross-attention),
-// else table [NB, H], lut int32 [M, P, P], modality int32 [T], position int32 [T].
+// else table [NB, H], modality int32 [T], position int32 [T] in [0, P) and lut int32 in one
+// of three forms (ops/attention.py): dense [M, P, P], relative [M, 2P-1] (column
+// pos_k - pos_q + P - 1) or CLS-aware relative [M, 2P+2] (the relative column between
+// positions >= 1; columns 2P-1, 2P, 2P+1 when the query, the key or both are position 0).
+enum class LutForm : int { kDense = 0, kRelative = 1, kClsRelative = 2 };
+
 struct Args {
   at::Tensor q, k, v, cu_seqlens, cu_seqlens_k;
   double scale = 1.0;
   bool causal = false;
   at::Tensor table, lut, modality, position;
+  LutForm lut_form = LutForm::kDense;
+  int64_t lut_positions = 0;  // P
   int64_t block_q = 64, block_k = 512;  // block_k: the most keys per block (see key_block)
 };
 

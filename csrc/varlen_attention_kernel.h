@@ -77,9 +77,10 @@ struct View {
   bool causal;
   const T* table;  // nullptr: no bias
   const int32_t *lut, *modality, *position;
-  int64_t P, NB;
+  LutForm lut_form;
+  int64_t P, lut_width, NB;  // lut_width: entries per modality row of the LUT
   // Set when a LUT entry the kernel reads is neither -1 nor a table row: the LUT is checked
-  // where it is read, not scanned whole on every call (it is [M, P, P]: 1.7M entries for
+  // where it is read, not scanned whole on every call (a dense [M, P, P] LUT: 1.7M entries for
   // 751 audio positions, scanned twice per layer it cost more than the attention itself).
   mutable std::atomic<bool> bad_entry{false};
 
@@ -90,14 +91,29 @@ struct View {
         scale(static_cast<T>(a.scale)), causal(a.causal), table(a.table.defined() ? a.table.data_ptr<T>() : nullptr),
         lut(table ? a.lut.data_ptr<int32_t>() : nullptr),
         modality(table ? a.modality.data_ptr<int32_t>() : nullptr),
-        position(table ? a.position.data_ptr<int32_t>() : nullptr), P(table ? a.lut.size(1) : 0),
+        position(table ? a.position.data_ptr<int32_t>() : nullptr), lut_form(a.lut_form),
+        P(table ? a.lut_positions : 0), lut_width(table ? a.lut.numel() / a.lut.size(0) : 0),
         NB(table ? a.table.size(0) : 0) {}
+
+  // Column of modality m's LUT row for positions (pq, pk), in the LUT's form.
+  int64_t lut_column(int64_t pq, int64_t pk) const {
+    switch (lut_form) {
+      case LutForm::kDense:
+        return pq * P + pk;
+      case LutForm::kRelative:
+        return pk - pq + P - 1;
+      case LutForm::kClsRelative:
+        if (pq > 0 && pk > 0) return pk - pq + P - 1;
+        return pq == 0 ? (pk == 0 ? 2 * P + 1 : 2 * P - 1) : 2 * P;
+    }
+    return 0;
+  }
 
   // The bias_table row of (query token tq, key token tk), or -1 when the pair gets none.
   int64_t bias_entry(int64_t tq, int64_t tk) const {
     const int32_t m = modality[tq];
     if (modality[tk] != m) return -1;
-    const int64_t e = lut[(static_cast<int64_t>(m) * P + position[tq]) * P + position[tk]];
+    const int64_t e = lut[static_cast<int64_t>(m) * lut_width + lut_column(position[tq], position[tk])];
     if (e < -1 || e >= NB) {
       bad_entry.store(true, std::memory_order_relaxed);
       return -1;

@@ -23,6 +23,7 @@ import torch
 from attention_packs import make_pack
 
 from omni_core.ops import dispatch, native_attention, varlen_attention, varlen_attention_reference
+from omni_core.ops.attention import lut_columns, lut_positions
 
 try:
     native_attention.capability()
@@ -219,24 +220,39 @@ def test_dispatch_runs_every_mode_natively(monkeypatch):
     assert len(calls) == 2
 
 
+def dispatched(q, k, v, cu, max_seqlen, scale, table, lut, modality, position):
+    """``ops.varlen_attention`` (whichever backend dispatch picks) with ``run``'s positional arguments."""
+    return varlen_attention(q, k, v, cu, max_seqlen, softmax_scale=scale, bias_table=table, bias_lut=lut,
+                            modality=modality, position=position)
+
+
 @pytest.mark.parametrize("lut", ["compact", "cls_compact"])
-def test_compact_luts_route_to_the_reference(monkeypatch, lut):
-    """The native kernel reads only the dense [M, P, P] LUT, so it does not list the
-    "relative_lut" mode: a compact LUT ([M, 2P-1] or CLS-aware [M, 2P+2]) on CPU runs the
-    reference by default, and forcing the native backend is an error naming the mode."""
-    pack = make_pack([7, 12], 2, 16, "joint", seed=5, lut=lut)
-    args = (pack["q"], pack["k"], pack["v"], pack["cu"], 12)
-    bias = dict(bias_table=pack["table"], bias_lut=pack["lut"], modality=pack["modality"], position=pack["position"])
-    assert "relative_lut" not in native_attention.native_varlen_attention.modes
+@pytest.mark.parametrize("case", ["odd_joint", "one_long_prime"])
+def test_compact_luts(monkeypatch, case, lut):
+    """The compact LUTs ([M, 2P-1] and the CLS-aware [M, 2P+2]) run natively (dispatch keeps
+    CPU calls on the native kernel): float64 within 1e-12 of the reference, and bit for bit
+    the native run through the dense [M, P, P] LUT holding the same entries (d bias_table:
+    to fp32 rounding)."""
+    lengths, H, D, bias = CASES[case]
+    pack = make_pack(lengths, H, D, bias, seed=zlib.crc32(lut.encode()), lut=lut)
+    assert "relative_lut" in native_attention.native_varlen_attention.modes
+    pos = torch.arange(lut_positions(pack["lut"]))
+    dense = {**pack, "lut": pack["lut"][:, lut_columns(pack["lut"], pos[:, None], pos[None, :])].contiguous()}
     calls = []
     apply = native_attention._NativeVarlenAttention.apply
     monkeypatch.setattr(native_attention._NativeVarlenAttention, "apply", lambda *a: calls.append(a) or apply(*a))
     monkeypatch.delenv("OMNI_BACKEND", raising=False)
-    assert torch.equal(varlen_attention(*args, **bias), varlen_attention_reference(*args, **bias))
-    assert not calls
-    monkeypatch.setenv("OMNI_BACKEND", "native")
-    with pytest.raises(dispatch.BackendUnavailable, match="relative_lut"):
-        varlen_attention(*args, **bias)
+    compact64 = run(dispatched, pack, torch.float64)
+    assert len(calls) == 1
+    for name, x, r in zip(["out", "dq", "dk", "dv", "dtable"], compact64, run(varlen_attention_reference, pack,
+                                                                               torch.float64), strict=True):
+        assert rel_err(x, r, pack["dout"]) < 1e-12, f"{case} {lut} float64 {name}"
+    *same, dtable = run(dispatched, pack, torch.float32)
+    *dense_same, dense_dtable = run(dispatched, dense, torch.float32)
+    assert all(torch.equal(x, y) for x, y in zip(same, dense_same, strict=True))
+    # d bias_table sums per-thread partial tables whose work items are handed out dynamically,
+    # so its fp32 rounding varies from run to run (dense against dense too): equal to rounding.
+    assert rel_err(dtable, dense_dtable.double()) < 1e-6
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -354,8 +354,8 @@ def _bias_rows(idx: torch.Tensor, bias_lut: torch.Tensor, modality: torch.Tensor
 def backend_implements(mode: str, device: torch.device) -> bool:
     """Whether the backend a ``varlen_attention`` call on ``device`` resolves to implements
     ``mode``. The model asks before passing its compact LUT (``"relative_lut"``), so a backend
-    that reads only the dense LUT (the native CPU kernel) keeps running instead of the call
-    falling back to the reference."""
+    that read only the dense LUT would keep running instead of the call falling back to the
+    reference (every backend today reads every form)."""
     _, impl = dispatch.resolve(OP, device)
     return mode in getattr(impl, "modes", ())
 

@@ -3,7 +3,8 @@
 :class:`torch.autograd.Function`.
 
 What it runs: every mode of the contract — self-attention with or without the learned
-per-modality relative-position bias, ``causal`` (bottom-right aligned), cross-attention
+per-modality relative-position bias (its LUT dense ``[M, P, P]``, relative ``[M, 2P-1]`` or
+CLS-aware ``[M, 2P+2]``), ``causal`` (bottom-right aligned), cross-attention
 (``cu_seqlens_k``), grouped-query heads (Hk < H) and ``return_lse`` — forward and backward
 (dq, dk, dv, d``bias_table`` — skipped when the table needs no gradient — and the gradient
 flowing back through a returned lse). Its ``modes`` attribute lists them all, so dispatch
@@ -87,7 +88,7 @@ def native_varlen_attention(
     return (out, lse.t().contiguous()) if return_lse else out
 
 
-native_varlen_attention.modes = frozenset(("causal", "cross", "gqa", "lse"))
+native_varlen_attention.modes = frozenset(("causal", "cross", "gqa", "lse", "relative_lut"))
 
 
 def capability() -> str:
