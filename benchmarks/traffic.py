@@ -673,6 +673,7 @@ def run(kernel_filter: str | None = None, case_filter: str | None = None,
     """Every case's rows (or, with ``ffn_shapes``, only the FFN carried to those shapes)."""
     from omni_core.kernels import layer_norm as ln_kernels
 
+    backend = os.environ.get("OMNI_BACKEND")
     os.environ["OMNI_BACKEND"] = "triton"
     ln_kernels.INTERPRET_AS_COMPILED = True
     cases = {"routed_ffn/shapes": lambda: _ffn_rows("stage1", ffn_shapes)} if ffn_shapes else CASES
@@ -686,8 +687,12 @@ def run(kernel_filter: str | None = None, case_filter: str | None = None,
                 row.pop("_launches", None)
                 if (not case_filter or case_filter in row["case"]) and (not ffn_shapes or row["case"] in ffn_shapes):
                     yield row
-    finally:
+    finally:  # callers in the same process (the tests) get their backend back
         ln_kernels.INTERPRET_AS_COMPILED = False
+        if backend is None:
+            os.environ.pop("OMNI_BACKEND", None)
+        else:
+            os.environ["OMNI_BACKEND"] = backend
 
 
 def _shape(text: str) -> tuple[int, int, int]:

@@ -22,8 +22,8 @@ def test_quick_json_report_has_real_values():
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(done.stdout)
     kernels = {r["kernel"] for r in rows}
-    assert kernels == {"varlen_attention_fwd", "varlen_attention_bwd_dkdv", "varlen_attention_bwd_dq",
-                       "varlen_attention_bwd_dq_bias_grad"}
+    assert kernels == {"varlen_attention_fwd", "varlen_attention_bwd_delta", "varlen_attention_bwd_dkdv",
+                       "varlen_attention_bwd_dq", "varlen_attention_bwd_dq_bias_grad"}
     assert {r["target"] for r in rows} == {"sm_80", "sm_90"}
     for r in rows:
         assert {"kernel", "target", "config", "registers", "spill_bytes", "shared_bytes", "tensor_core"} <= set(r)
@@ -33,7 +33,10 @@ def test_quick_json_report_has_real_values():
         # The bias-gradient dq kernel keeps 32-row tiles (64 rows spill: configs.DQ_BIAS_GRAD_CONFIGS),
         # below warpgroup MMA's 64, so sm_90 runs it as HMMA.
         hopper = "HMMA" if r["kernel"] == "varlen_attention_bwd_dq_bias_grad" else "HGMMA"
-        assert r["mma"] == {"sm_80": "HMMA", "sm_90": hopper}[r["target"]], r  # fp16: tensor cores
+        if r["kernel"] == "varlen_attention_bwd_delta":  # a row reduction: no dot, no tensor cores
+            assert r["mma"] == "none", r
+        else:
+            assert r["mma"] == {"sm_80": "HMMA", "sm_90": hopper}[r["target"]], r  # fp16: tensor cores
         assert r["flops"] > 0 and r["min_bytes"] > 0
 
 

@@ -124,6 +124,22 @@ def test_forward_and_gradients(case, dtype, poisoned):
     check_against_references(make_pack(lengths, H, D, bias, lut=lut), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("T, H, D", [(1, 1, 8), (133, 3, 72), (70, 2, 256)])
+def test_delta_preprocess_kernel(T, H, D, dtype, poisoned):
+    """rowsum(dO * O) per (head, token) in fp32, [H, T]: against float64 of the same rounded
+    inputs, within 2x torch's own fp32 sum (plus the floor); every element written."""
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    out, do = (torch.randn(T, H, D, generator=g).to(dtype) for _ in range(2))
+    got = va._delta(do.to(DEVICE), out.to(DEVICE)).cpu()
+    exact = (do.double() * out.double()).sum(-1).T
+    torch_fp32 = (do.float() * out.float()).sum(-1).T
+    assert got.dtype == torch.float32 and got.shape == (H, T)
+    limit = min(2 * rel_err(torch_fp32, exact) + FLOORS[torch.float32], CAPS[torch.float32])
+    assert rel_err(got, exact) <= limit, f"seed {seed}: {rel_err(got, exact):.2e} > {limit:.2e}"
+
+
 def test_bias_gradient_is_bitwise_repeatable():
     pack = make_pack([5, 70, 9], 1, 32, "joint", seed=2, lut="random")
     first, second = run(va.varlen_attention_triton, pack, torch.float16), run(

@@ -2,11 +2,11 @@
 Varlen attention, backward kernels
 ==================================
 
-Two kernels recompute the probabilities from the saved base-2 log-sum-exp (``delta =
-rowsum(dO * O)`` comes from the launcher): one per key block accumulates ``dk, dv`` over
-the query blocks (and over the query heads of a grouped-query group), one per query block
-accumulates ``dq`` over the key blocks and, when asked, the bias gradient
-(``bias_grad.py``). Neither uses atomics for ``dq, dk, dv``.
+A preprocess kernel computes ``delta = rowsum(dO * O)`` (fp32, ``[H, T]`` like the lse), then
+two kernels recompute the probabilities from the saved base-2 log-sum-exp: one per key
+block accumulates ``dk, dv`` over the query blocks (and over the query heads of a
+grouped-query group), one per query block accumulates ``dq`` over the key blocks and, when
+asked, the bias gradient (``bias_grad.py``). Neither uses atomics for ``dq, dk, dv``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,26 @@ from omni_core.kernels.varlen_attention.common import (
     _load_lse,
     _seq_bounds,
 )
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    Out, DO, Delta, stride_ot, stride_oh, stride_dot, stride_doh, T,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] in fp32, for BLOCK_T tokens of head h: the
+    softmax backward's per-row shift (dS = P * (dP - delta)). Reads dO and O once and writes
+    4 bytes per row, where torch's ``(dO.float() * O.float()).sum(-1)`` made fp32 copies."""
+    tb = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = (tb * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok = rows < T
+    mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(Out + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + h.to(tl.int64) * T + rows, delta, mask=row_ok)
 
 
 @triton.jit

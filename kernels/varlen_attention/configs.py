@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import triton
 from omni_core.kernels._aot import AotConfig
-from omni_core.kernels.varlen_attention.bwd import _bwd_dkdv_kernel, _bwd_dq_kernel
+from omni_core.kernels.varlen_attention.bwd import _bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel
 from omni_core.kernels.varlen_attention.common import INTERPRET, _d_pad
 from omni_core.kernels.varlen_attention.fwd import _fwd_kernel
 
@@ -59,6 +59,9 @@ DQ_BIAS_GRAD_CONFIGS = {
     ("fp32", 128): [(16, 32, 8, 1)],
     ("fp32", 256): [(16, 16, 4, 1)],
 }
+# The delta preprocess kernel's token rows per program, by D_PAD > 128: [BLOCK_T, D_PAD] of
+# dO and O in registers (4 warps), no dot.
+DELTA_BLOCK_T = {False: 64, True: 32}
 # Under the interpreter: one config (autotuning needs a GPU timer), large blocks because
 # the interpreter's cost is per block step.
 INTERPRET_CONFIG = (64, 64, 4, 1)
@@ -144,6 +147,17 @@ def aot_configs() -> list[AotConfig]:
                             flops=flops, min_bytes=nbytes,
                             divisible_by_16=tuple(a for a in fn.arg_names if a.startswith("stride_")),
                         ))
+        for head_dim in AOT_HEAD_DIMS:  # the delta preprocess: one config, no causal/bias variants
+            block_t = DELTA_BLOCK_T[_d_pad(head_dim) > 128]
+            consts = {"HEAD_DIM": head_dim, "D_PAD": _d_pad(head_dim), "BLOCK_T": block_t}
+            rows = sum(_REF_LENGTHS) * _REF_HEADS
+            configs.append(AotConfig(
+                kernel="varlen_attention_bwd_delta", fn=_bwd_delta_kernel,
+                signature=_signature(_bwd_delta_kernel, dtype, consts), constexprs=consts, num_warps=4,
+                num_stages=1, dtype=dtype, label=f"D={head_dim} BT={block_t} w=4", flops=2 * rows * head_dim,
+                min_bytes=rows * (2 * head_dim * elem + 4),
+                divisible_by_16=tuple(a for a in _bwd_delta_kernel.arg_names if a.startswith("stride_")),
+            ))
     return configs
 
 

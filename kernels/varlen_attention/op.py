@@ -14,6 +14,7 @@ import math
 import torch
 import triton
 from omni_core.kernels.varlen_attention.bias_grad import bias_grad_buffer, finish_bias_grad
+from omni_core.kernels.varlen_attention.bwd import _bwd_delta_kernel
 from omni_core.kernels.varlen_attention.common import (
     DTYPES,
     INTERPRET,
@@ -25,6 +26,7 @@ from omni_core.kernels.varlen_attention.common import (
     lut_form,
 )
 from omni_core.kernels.varlen_attention.configs import (
+    DELTA_BLOCK_T,
     DQ_BIAS_GRAD_CONFIGS,
     INTERPRET_CONFIG,
     _bwd_dkdv,
@@ -127,6 +129,19 @@ def _launch_fwd(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, scale, causal, bi
     return out, lse
 
 
+def _delta(do: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """rowsum(dO * O) per (head, token), fp32 ``[H, T]`` like the lse (``_bwd_delta_kernel``)."""
+    T, H, Dh = out.shape
+    delta = _empty((H, T), torch.float32, out.device)
+    if T > 0:
+        block_t = DELTA_BLOCK_T[_d_pad(Dh) > 128]
+        _bwd_delta_kernel[(triton.cdiv(T, block_t), H)](
+            out, do, delta, *_strides(out), *_strides(do), T,
+            HEAD_DIM=Dh, D_PAD=_d_pad(Dh), BLOCK_T=block_t, num_warps=4,
+        )
+    return delta
+
+
 def _launch_bwd(do, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, scale, causal,
                 bias_table, bias_lut, modality, position, bias_grad):
     T, H, Dh = q.shape
@@ -134,8 +149,7 @@ def _launch_bwd(do, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, max_seqlen, max
     do = do.contiguous()
     dq = _empty(q.shape, q.dtype, q.device)
     dk, dv = (_empty(k.shape, k.dtype, k.device) for _ in range(2))
-    # delta_i = rowsum(dO_i * O_i): one elementwise pass, laid out [H, T] like the lse.
-    delta = (do.float() * out.float()).sum(-1).transpose(0, 1).contiguous()
+    delta = _delta(do, out.contiguous())
     (table, lut, mod, pos, P), bias_flags = _bias_args(bias_table, bias_lut, modality, position, q)
     bias_grad = bias_flags["HAS_BIAS"] and bias_grad
     NB = table.shape[0] if bias_flags["HAS_BIAS"] else 1
