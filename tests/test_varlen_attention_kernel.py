@@ -57,6 +57,7 @@ CASES = {
     "odd_joint": ([1, 2, 61, 3, 67, 37], 2, 64, "joint", "relative"),
     "one_long": ([1, 263], 1, 80, "joint", "compact"),
     "many_tiny": ([3] * 40 + [131], 2, 32, "single", "compact"),
+    "hundred_with_empty": ([1, 0, 3, 2] * 30 + [70], 1, 16, "joint", "compact"),  # the flattened schedule
     "cls_joint": ([1, 2, 45, 70], 2, 64, "joint", "cls_compact"),
     "no_bias": ([5, 97, 1, 64], 2, 96, None, "random"),
     "d128_random_lut": ([17, 70], 1, 128, "joint", "random"),
@@ -138,6 +139,31 @@ def test_delta_preprocess_kernel(T, H, D, dtype, poisoned):
     assert got.dtype == torch.float32 and got.shape == (H, T)
     limit = min(2 * rel_err(torch_fp32, exact) + FLOORS[torch.float32], CAPS[torch.float32])
     assert rel_err(got, exact) <= limit, f"seed {seed}: {rel_err(got, exact):.2e} > {limit:.2e}"
+
+
+def test_grids_have_no_dimension_bounded_by_the_number_of_sequences(monkeypatch):
+    """70,000 sequences: every launch is (T // BLOCK + B programs, heads), flattened in dim 0
+    (up to 2**31 - 1 on CUDA) where dim 1 would stop at 65,535 sequences."""
+    grids = []
+
+    class Spy(dict):
+        def __missing__(self, key):
+            return self
+
+        def __getitem__(self, key):
+            if callable(key):
+                grids.append(key({"BLOCK_M": 16, "BLOCK_N": 32}))
+                return lambda *args, **kwargs: None
+            return super().__getitem__(key)
+
+    for name in ("_fwd", "_bwd_dkdv", "_bwd_dq"):
+        monkeypatch.setattr(va, name, Spy())
+    B, H = 70_000, 2
+    q = torch.randn(B, H, 8)
+    cu = torch.arange(B + 1, dtype=torch.int32)
+    out, lse = va._launch_fwd(q, q, q, cu, cu, 1, 1.0, False, None, None, None, None)
+    va._launch_bwd(q, q, q, q, out.zero_(), lse.zero_(), cu, cu, 1, 1, 1.0, False, None, None, None, None, False)
+    assert grids == [(B // 16 + B, H), (B // 32 + B, H), (B // 16 + B, H)]
 
 
 def test_bias_gradient_is_bitwise_repeatable():

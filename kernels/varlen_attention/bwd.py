@@ -22,6 +22,7 @@ from omni_core.kernels.varlen_attention.common import (
     _key_end,
     _load_ids,
     _load_lse,
+    _scheduled_tile,
     _seq_bounds,
 )
 
@@ -48,10 +49,10 @@ def _bwd_delta_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, Lse, Delta, CuSeqQ, CuSeqK, Table, Lut, Modality, Position,
+    Q, K, V, DO, DK, DV, Lse, Delta, CuSeqQ, CuSeqK, Table, Lut, Modality, Position, Order, CuSched,
     qk_scale, sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    T, H, P, GROUP,
+    T, H, P, GROUP, B, SEARCH_STEPS,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, LUT_FORM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -60,9 +61,8 @@ def _bwd_dkdv_kernel(
     share this key head (so grouped-query gradients are summed without atomics). Works on
     transposed tiles ([keys, queries]) so no transpose of P is needed. dk/dv share k/v
     strides (they are allocated like k and v)."""
-    kb = tl.program_id(0)
-    b = tl.program_id(1)
-    hk = tl.program_id(2)
+    b, kb = _scheduled_tile(Order, CuSched, B, SEARCH_STEPS, BLOCK_N)  # over the key sequences
+    hk = tl.program_id(1)
     q_start, Lq, k_start, Lk = _seq_bounds(CuSeqQ, CuSeqK, b)
     if kb * BLOCK_N >= Lk:
         return
@@ -127,10 +127,10 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, Lse, Delta, CuSeqQ, CuSeqK, Table, Lut, Modality, Position, DBias,
+    Q, K, V, DO, DQ, Lse, Delta, CuSeqQ, CuSeqK, Table, Lut, Modality, Position, Order, CuSched, DBias,
     qk_scale, sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    T, H, P, GROUP, NB,
+    T, H, P, GROUP, NB, B, SEARCH_STEPS,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, LUT_FORM: tl.constexpr, BIAS_GRAD: tl.constexpr, CAUSAL: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -139,9 +139,8 @@ def _bwd_dq_kernel(
     BIAS_GRAD) the bias gradient: dS summed per LUT entry into this block's private row of
     DBias [rows, NB, H] fp32 (row = start // BLOCK_M + b + qb is unique per block), no
     atomics (see ``bias_grad.py``)."""
-    qb = tl.program_id(0)
-    b = tl.program_id(1)
-    h = tl.program_id(2)
+    b, qb = _scheduled_tile(Order, CuSched, B, SEARCH_STEPS, BLOCK_M)
+    h = tl.program_id(1)
     q_start, Lq, k_start, Lk = _seq_bounds(CuSeqQ, CuSeqK, b)
     if qb * BLOCK_M >= Lq:
         return

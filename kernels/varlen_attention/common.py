@@ -98,6 +98,42 @@ def _bias_tile(Table, Lut, mod_q, pos_q, mod_k, pos_k, h, H, P, LUT_FORM: tl.con
 
 
 @triton.jit
+def _scheduled_tile(Order, CuSched, B, SEARCH_STEPS, BLOCK: tl.constexpr):
+    """(sequence, block) of this program in the flattened, longest-first schedule. Grid dim 0
+    has ``T // BLOCK + B`` programs (T tokens, B sequences: no grid dimension is bounded by
+    B, whose 65,536th sequence would not launch in dim 1). ``Order`` lists the sequences
+    longest first and ``CuSched`` their token offsets in that order; sequence ``Order[i]``
+    owns the programs from f(i) = CuSched[i] // BLOCK + i, at least as many as its blocks
+    (f is strictly increasing), found by binary search; a spare program gets a block past
+    its sequence's end and returns. Low program ids run first, so the long sequences start
+    first and the short ones fill the tail."""
+    p = tl.program_id(0)
+    lo = B * 0  # invariant: f(lo) <= p < f(hi), f(B) = T // BLOCK + B
+    hi = B
+    for _ in range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        below = tl.load(CuSched + mid) // BLOCK + mid <= p
+        lo, hi = tl.where(below, mid, lo), tl.where(below, hi, mid)
+    return tl.load(Order + lo), p - (tl.load(CuSched + lo) // BLOCK + lo)
+
+
+def schedule(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Device-side inputs of :func:`_scheduled_tile` for the sequences of ``cu_seqlens``
+    (no host sync): (Order, CuSched, B, SEARCH_STEPS)."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    order = torch.argsort(lengths, descending=True, stable=True)
+    cu_sched = torch.zeros_like(cu_seqlens)
+    torch.cumsum(lengths[order], 0, out=cu_sched[1:])
+    B = lengths.numel()
+    return order.to(torch.int32), cu_sched, B, B.bit_length()
+
+
+def scheduled_programs(tokens: int, B: int, block: int) -> int:
+    """Grid dim 0 of a scheduled launch: f(B) programs (see :func:`_scheduled_tile`)."""
+    return tokens // block + B
+
+
+@triton.jit
 def _seq_bounds(CuSeqQ, CuSeqK, b):
     """(query start, Lq, key start, Lk) of sequence b; starts as int64 for the base pointers."""
     q_start = tl.load(CuSeqQ + b)

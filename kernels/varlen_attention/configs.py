@@ -163,7 +163,7 @@ def aot_configs() -> list[AotConfig]:
 
 _FLOAT_ARGS = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
 _FP32_ARGS = {"Lse", "Delta", "Table", "DBias"}
-_INT_PTR_ARGS = {"CuSeqQ", "CuSeqK", "Lut", "Modality", "Position"}
+_INT_PTR_ARGS = {"CuSeqQ", "CuSeqK", "Lut", "Modality", "Position", "Order", "CuSched"}
 _FP32_SCALARS = {"qk_scale", "sm_scale"}
 
 

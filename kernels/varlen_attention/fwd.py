@@ -2,7 +2,8 @@
 Varlen attention, forward kernel
 ================================
 
-One program per (query block, sequence, head): online softmax in base 2 over the key
+One program per (query block, sequence, head), the (block, sequence) pairs flattened
+longest first (``common._scheduled_tile``): online softmax in base 2 over the key
 blocks of its own sequence (stopping at the diagonal block when causal), the bias gathered
 per tile; writes the output and the base-2 row log-sum-exp that the backward reuses.
 """
@@ -19,25 +20,25 @@ from omni_core.kernels.varlen_attention.common import (
     _key_end,
     _load_ids,
     _online_softmax_update,
+    _scheduled_tile,
     _seq_bounds,
 )
 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Table, Lut, Modality, Position,
+    Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Table, Lut, Modality, Position, Order, CuSched,
     qk_scale,  # softmax scale * log2(e)
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    T, H, P, GROUP,
+    T, H, P, GROUP, B, SEARCH_STEPS,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, LUT_FORM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    qb = tl.program_id(0)
-    b = tl.program_id(1)
-    h = tl.program_id(2)
+    b, qb = _scheduled_tile(Order, CuSched, B, SEARCH_STEPS, BLOCK_M)
+    h = tl.program_id(1)
     q_start, Lq, k_start, Lk = _seq_bounds(CuSeqQ, CuSeqK, b)
     if qb * BLOCK_M >= Lq:
-        return  # this sequence has fewer query blocks than the longest one
+        return  # a spare program of the schedule
     # Base pointers of this (sequence, head): the tile offsets below stay int32.
     hk = h // GROUP
     Q += q_start * stride_qt + h * stride_qh

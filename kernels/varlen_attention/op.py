@@ -24,6 +24,8 @@ from omni_core.kernels.varlen_attention.common import (
     MAX_HEAD_DIM,
     _d_pad,
     lut_form,
+    schedule,
+    scheduled_programs,
 )
 from omni_core.kernels.varlen_attention.configs import (
     DELTA_BLOCK_T,
@@ -109,20 +111,20 @@ def _bias_args(bias_table, bias_lut, modality, position, like: torch.Tensor):
 def _launch_fwd(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, scale, causal, bias_table, bias_lut, modality,
                 position):
     T, H, Dh = q.shape
-    B = cu_seqlens.numel() - 1
     out = _empty(q.shape, q.dtype, q.device)
     lse = _empty((H, T), torch.float32, q.device)
     if T == 0 or max_seqlen == 0:
         return out, lse
     (table, lut, mod, pos, P), bias_flags = _bias_args(bias_table, bias_lut, modality, position, q)
+    order, cu_sched, B, steps = schedule(cu_seqlens)
 
     def grid(meta):
-        return (triton.cdiv(max_seqlen, meta["BLOCK_M"]), B, H)
+        return (scheduled_programs(T, B, meta["BLOCK_M"]), H)
 
     _fwd[_tier(Dh, DTYPES[q.dtype])][grid](
-        q, k, v, out, lse, cu_seqlens, cu_seqlens_k, table, lut, mod, pos,
+        q, k, v, out, lse, cu_seqlens, cu_seqlens_k, table, lut, mod, pos, order, cu_sched,
         scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        T, H, P, H // k.shape[1],
+        T, H, P, H // k.shape[1], B, steps,
         HEAD_DIM=Dh, D_PAD=_d_pad(Dh), **bias_flags, CAUSAL=causal,
         UPCAST=INTERPRET, IEEE=q.dtype == torch.float32,
     )
@@ -160,15 +162,19 @@ def _launch_bwd(do, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, max_seqlen, max
                   IEEE=q.dtype == torch.float32)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     group = H // k.shape[1]
-    if k.shape[0] > 0 and max_seqlen_k > 0:
-        _bwd_dkdv[tier][lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), B, k.shape[1])](
-            q, k, v, do, dk, dv, lse, delta, cu_seqlens, cu_seqlens_k, table, lut, mod, pos,
-            scale * LOG2E, scale, *strides, T, H, P, group, **common,
+    Tk = k.shape[0]
+    if Tk > 0 and max_seqlen_k > 0:
+        order, cu_sched, _, steps = schedule(cu_seqlens_k)
+        _bwd_dkdv[tier][lambda meta: (scheduled_programs(Tk, B, meta["BLOCK_N"]), k.shape[1])](
+            q, k, v, do, dk, dv, lse, delta, cu_seqlens, cu_seqlens_k, table, lut, mod, pos, order, cu_sched,
+            scale * LOG2E, scale, *strides, T, H, P, group, B, steps, **common,
         )
     if T > 0 and max_seqlen > 0:
-        _bwd_dq[bias_grad][tier][lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), B, H)](
-            q, k, v, do, dq, lse, delta, cu_seqlens, cu_seqlens_k, table, lut, mod, pos, dbias_scratch,
-            scale * LOG2E, scale, *strides, T, H, P, group, NB, BIAS_GRAD=bias_grad, **common,
+        order, cu_sched, _, steps = schedule(cu_seqlens)
+        _bwd_dq[bias_grad][tier][lambda meta: (scheduled_programs(T, B, meta["BLOCK_M"]), H)](
+            q, k, v, do, dq, lse, delta, cu_seqlens, cu_seqlens_k, table, lut, mod, pos, order, cu_sched,
+            dbias_scratch, scale * LOG2E, scale, *strides, T, H, P, group, NB, B, steps, BIAS_GRAD=bias_grad,
+            **common,
         )
     if not bias_grad:
         return dq, dk, dv, q.new_empty(0)
