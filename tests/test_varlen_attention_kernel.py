@@ -166,6 +166,15 @@ def test_grids_have_no_dimension_bounded_by_the_number_of_sequences(monkeypatch)
     assert grids == [(B // 16 + B, H), (B // 32 + B, H), (B // 16 + B, H)]
 
 
+def test_autotune_key_has_a_length_bucket():
+    from omni_core.kernels.varlen_attention import configs
+
+    tuners = [*configs._fwd.values(), *configs._bwd_dkdv.values(), *(t for d in configs._bwd_dq.values()
+                                                                     for t in d.values())]
+    assert all("SEQLEN_BUCKET" in t.keys for t in tuners)
+    assert [configs.seqlen_bucket(n) for n in (0, 1, 17, 64, 65, 257, 10**6)] == [16, 16, 32, 64, 128, 512, 65536]
+
+
 def test_bias_gradient_is_bitwise_repeatable():
     pack = make_pack([5, 70, 9], 1, 32, "joint", seed=2, lut="random")
     first, second = run(va.varlen_attention_triton, pack, torch.float16), run(

@@ -52,7 +52,7 @@ def _bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, Lse, Delta, CuSeqQ, CuSeqK, Table, Lut, Modality, Position, Order, CuSched,
     qk_scale, sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    T, H, P, GROUP, B, SEARCH_STEPS,
+    T, H, P, GROUP, B, SEARCH_STEPS, SEQLEN_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, LUT_FORM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -130,7 +130,7 @@ def _bwd_dq_kernel(
     Q, K, V, DO, DQ, Lse, Delta, CuSeqQ, CuSeqK, Table, Lut, Modality, Position, Order, CuSched, DBias,
     qk_scale, sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    T, H, P, GROUP, NB, B, SEARCH_STEPS,
+    T, H, P, GROUP, NB, B, SEARCH_STEPS, SEQLEN_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, LUT_FORM: tl.constexpr, BIAS_GRAD: tl.constexpr, CAUSAL: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,

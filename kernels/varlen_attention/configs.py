@@ -67,6 +67,11 @@ DELTA_BLOCK_T = {False: 64, True: 32}
 INTERPRET_CONFIG = (64, 64, 4, 1)
 
 
+def seqlen_bucket(max_seqlen: int) -> int:
+    """The autotune key's length bucket: ``max_seqlen`` rounded up to a power of two, from 16 to 2**16."""
+    return min(max(16, triton.next_power_of_2(max(int(max_seqlen), 1))), 1 << 16)
+
+
 def _tier(head_dim: int, dtype: str) -> tuple[str, int]:
     return ("fp32" if dtype == "fp32" else "half", max(64, _d_pad(head_dim)))
 
@@ -83,7 +88,10 @@ def _autotuned(fn, table: dict[tuple[str, int], list[tuple[int, int, int, int]]]
     return tuned
 
 
-_KEY = ["HEAD_DIM", "HAS_BIAS", "LUT_FORM", "CAUSAL"]
+# SEQLEN_BUCKET (the longest sequence's length, next power of two, see ``seqlen_bucket``) is in
+# the key as N_CTX is in Triton's fused-attention tutorial: packs of short and of long
+# sequences get their own tile choice, without re-tuning for every length.
+_KEY = ["HEAD_DIM", "HAS_BIAS", "LUT_FORM", "CAUSAL", "SEQLEN_BUCKET"]
 _fwd = _autotuned(_fwd_kernel, FWD_CONFIGS, key=_KEY)
 _bwd_dkdv = _autotuned(_bwd_dkdv_kernel, DKDV_CONFIGS, key=_KEY)
 # Keyed by whether the dq kernel also accumulates the bias gradient.

@@ -30,7 +30,7 @@ def _fwd_kernel(
     Q, K, V, Out, Lse, CuSeqQ, CuSeqK, Table, Lut, Modality, Position, Order, CuSched,
     qk_scale,  # softmax scale * log2(e)
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    T, H, P, GROUP, B, SEARCH_STEPS,
+    T, H, P, GROUP, B, SEARCH_STEPS, SEQLEN_BUCKET,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, LUT_FORM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):

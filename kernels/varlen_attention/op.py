@@ -35,6 +35,7 @@ from omni_core.kernels.varlen_attention.configs import (
     _bwd_dq,
     _fwd,
     _tier,
+    seqlen_bucket,
 )
 
 __all__ = ["varlen_attention_triton"]
@@ -124,7 +125,7 @@ def _launch_fwd(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, scale, causal, bi
     _fwd[_tier(Dh, DTYPES[q.dtype])][grid](
         q, k, v, out, lse, cu_seqlens, cu_seqlens_k, table, lut, mod, pos, order, cu_sched,
         scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        T, H, P, H // k.shape[1], B, steps,
+        T, H, P, H // k.shape[1], B, steps, seqlen_bucket(max_seqlen),
         HEAD_DIM=Dh, D_PAD=_d_pad(Dh), **bias_flags, CAUSAL=causal,
         UPCAST=INTERPRET, IEEE=q.dtype == torch.float32,
     )
@@ -167,13 +168,14 @@ def _launch_bwd(do, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, max_seqlen, max
         order, cu_sched, _, steps = schedule(cu_seqlens_k)
         _bwd_dkdv[tier][lambda meta: (scheduled_programs(Tk, B, meta["BLOCK_N"]), k.shape[1])](
             q, k, v, do, dk, dv, lse, delta, cu_seqlens, cu_seqlens_k, table, lut, mod, pos, order, cu_sched,
-            scale * LOG2E, scale, *strides, T, H, P, group, B, steps, **common,
+            scale * LOG2E, scale, *strides, T, H, P, group, B, steps, seqlen_bucket(max_seqlen_k), **common,
         )
     if T > 0 and max_seqlen > 0:
         order, cu_sched, _, steps = schedule(cu_seqlens)
         _bwd_dq[bias_grad][tier][lambda meta: (scheduled_programs(T, B, meta["BLOCK_M"]), H)](
             q, k, v, do, dq, lse, delta, cu_seqlens, cu_seqlens_k, table, lut, mod, pos, order, cu_sched,
-            dbias_scratch, scale * LOG2E, scale, *strides, T, H, P, group, NB, B, steps, BIAS_GRAD=bias_grad,
+            dbias_scratch, scale * LOG2E, scale, *strides, T, H, P, group, NB, B, steps, seqlen_bucket(max_seqlen),
+            BIAS_GRAD=bias_grad,
             **common,
         )
     if not bias_grad:
