@@ -24,8 +24,14 @@ from omni_core.kernels.varlen_attention.fwd import _fwd_kernel
 # the dk/dv accumulators alone are 2 x BLOCK_N x 256 fp32, so its backward tiles are 32 x 32,
 # which sm_90 runs as HMMA (warpgroup MMA needs 64 rows): the 64-row tiles spill there.
 # The dk/dv kernel's group loop (GQA) costs registers, hence BLOCK_M = 32 at D_PAD 128.
+# Deeper software pipelining (num_stages 3-4: more K/V tiles in flight in shared memory while
+# one is multiplied, what Hopper's bandwidth-latency product asks for on long key loops) is
+# listed only where the tile still compiles without spills on both sm_80
+# and sm_90 with the bias on: the forward at D_PAD 64, dk/dv at 32-row tiles, dq at 64 x 64
+# with 8 warps and D_PAD 128 (64 x 128 forward tiles at D_PAD 128 spill 8 B on sm_90, the
+# D_PAD 64 dq tiles 116-260 B on sm_80).
 FWD_CONFIGS = {
-    ("half", 64): [(128, 64, 8, 2), (64, 64, 4, 2)],
+    ("half", 64): [(128, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4)],
     ("half", 128): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 128, 8, 2)],
     ("half", 256): [(64, 32, 8, 2)],
     ("fp32", 64): [(32, 32, 4, 1), (16, 32, 4, 1)],
@@ -33,8 +39,8 @@ FWD_CONFIGS = {
     ("fp32", 256): [(16, 16, 4, 1)],
 }
 DKDV_CONFIGS = {
-    ("half", 64): [(64, 64, 4, 2)],
-    ("half", 128): [(32, 64, 8, 2)],
+    ("half", 64): [(64, 64, 4, 2), (32, 64, 8, 3)],
+    ("half", 128): [(32, 64, 8, 2), (32, 64, 8, 3)],
     ("half", 256): [(32, 32, 8, 1)],
     ("fp32", 64): [(16, 64, 4, 1)],
     ("fp32", 128): [(16, 32, 8, 1)],
@@ -42,7 +48,7 @@ DKDV_CONFIGS = {
 }
 DQ_CONFIGS = {
     ("half", 64): [(64, 64, 4, 2), (64, 32, 4, 2)],
-    ("half", 128): [(64, 64, 8, 2), (128, 32, 8, 2)],
+    ("half", 128): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 3)],
     ("half", 256): [(32, 32, 8, 1)],
     ("fp32", 64): [(32, 32, 4, 1), (16, 32, 4, 1)],
     ("fp32", 128): [(32, 32, 8, 1)],
