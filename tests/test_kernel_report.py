@@ -23,16 +23,17 @@ def test_quick_json_report_has_real_values():
     rows = json.loads(done.stdout)
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"varlen_attention_fwd", "varlen_attention_bwd_delta", "varlen_attention_bwd_dkdv",
-                       "varlen_attention_bwd_dq", "varlen_attention_bwd_dq_bias_grad"}
+                       "varlen_attention_bwd_dq", "varlen_attention_bwd_dq_bias_grad", "varlen_attention_bwd_fused",
+                       "varlen_attention_bwd_fused_bias_grad"}
     assert {r["target"] for r in rows} == {"sm_80", "sm_90"}
     for r in rows:
         assert {"kernel", "target", "config", "registers", "spill_bytes", "shared_bytes", "tensor_core"} <= set(r)
         assert 0 < r["registers"] <= 255
         assert r["shared_bytes"] > 0
         assert r["spill_bytes"] == 0, r
-        # The bias-gradient dq kernel keeps 32-row tiles (64 rows spill: configs.DQ_BIAS_GRAD_CONFIGS),
-        # below warpgroup MMA's 64, so sm_90 runs it as HMMA.
-        hopper = "HMMA" if r["kernel"] == "varlen_attention_bwd_dq_bias_grad" else "HGMMA"
+        # The bias-gradient kernels keep 32-row tiles (64 rows spill: configs.DQ_BIAS_GRAD_CONFIGS,
+        # FUSED_BIAS_GRAD_CONFIGS), below warpgroup MMA's 64, so sm_90 runs them as HMMA.
+        hopper = "HMMA" if r["kernel"].endswith("_bias_grad") else "HGMMA"
         if r["kernel"] == "varlen_attention_bwd_delta":  # a row reduction: no dot, no tensor cores
             assert r["mma"] == "none", r
         else:

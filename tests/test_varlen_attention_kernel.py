@@ -64,14 +64,14 @@ CASES = {
 }
 
 
-def run(fn, pack: dict, dtype: torch.dtype, table_dtype: torch.dtype | None = None):
+def run(fn, pack: dict, dtype: torch.dtype, table_dtype: torch.dtype | None = None, **kwargs):
     """Output and gradients (q, k, v, table) of ``fn`` on the pack in ``dtype``."""
     q, k, v = (pack[n].to(DEVICE, dtype, copy=True).requires_grad_() for n in "qkv")
     table = pack["table"]
     if table is not None:
         table = table.to(DEVICE, table_dtype or torch.float32, copy=True).requires_grad_()
     extra = [None if pack[n] is None else pack[n].to(DEVICE) for n in ("lut", "modality", "position")]
-    out = fn(q, k, v, pack["cu"].to(DEVICE), pack["max_seqlen"], None, table, *extra)
+    out = fn(q, k, v, pack["cu"].to(DEVICE), pack["max_seqlen"], None, table, *extra, **kwargs)
     out.backward(pack["dout"].to(out.dtype).to(DEVICE))
     grads = [q.grad, k.grad, v.grad] + ([table.grad] if table is not None else [])
     return [t.detach().cpu() for t in [out, *grads]]
@@ -105,8 +105,8 @@ def bound(name: str, dtype: torch.dtype, base_err: float, ref: torch.Tensor, rou
     return min(allowed, CAPS[dtype])
 
 
-def check_against_references(pack: dict, dtype: torch.dtype) -> None:
-    got = run(va.varlen_attention_triton, pack, dtype)
+def check_against_references(pack: dict, dtype: torch.dtype, deterministic: bool = False) -> None:
+    got = run(va.varlen_attention_triton, pack, dtype, deterministic=deterministic)
     # The float64 reference sees the same rounded inputs as the kernel.
     rounded = {**pack, **{n: pack[n].to(dtype).double() for n in ("q", "k", "v", "dout")}}
     exact = run(reference, rounded, torch.float64, torch.float64)
@@ -118,11 +118,21 @@ def check_against_references(pack: dict, dtype: torch.dtype) -> None:
         assert err <= limit, f"{name}: error {err:.3e} > bound {limit:.3e} (torch {dtype} error {base_err:.3e})"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+# (dtype, backward path): the fused backward (the default) in every dtype, the deterministic
+# two-kernel path in fp32 and bf16 (the suite's time is shared).
+PATHS = [(dtype, False) for dtype in DTYPES] + [(torch.float32, True), (torch.bfloat16, True)]
+
+
+def _path_id(param) -> str:
+    return str(param).removeprefix("torch.") if isinstance(param, torch.dtype) else (
+        "deterministic" if param else "fused")
+
+
+@pytest.mark.parametrize("dtype, deterministic", PATHS, ids=_path_id)
 @pytest.mark.parametrize("case", list(CASES))
-def test_forward_and_gradients(case, dtype, poisoned):
+def test_forward_and_gradients(case, dtype, deterministic, poisoned):
     lengths, H, D, bias, lut = CASES[case]
-    check_against_references(make_pack(lengths, H, D, bias, lut=lut), dtype)
+    check_against_references(make_pack(lengths, H, D, bias, lut=lut), dtype, deterministic)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -156,30 +166,39 @@ def test_grids_have_no_dimension_bounded_by_the_number_of_sequences(monkeypatch)
                 return lambda *args, **kwargs: None
             return super().__getitem__(key)
 
-    for name in ("_fwd", "_bwd_dkdv", "_bwd_dq"):
+    for name in ("_fwd", "_bwd_dkdv", "_bwd_dq", "_bwd_fused"):
         monkeypatch.setattr(va, name, Spy())
+    monkeypatch.setattr(va, "_delta", lambda do, out: out.new_zeros(out.shape[1], out.shape[0]))
     B, H = 70_000, 2
     q = torch.randn(B, H, 8)
     cu = torch.arange(B + 1, dtype=torch.int32)
     out, lse = va._launch_fwd(q, q, q, cu, cu, 1, 1.0, False, None, None, None, None)
-    va._launch_bwd(q, q, q, q, out.zero_(), lse.zero_(), cu, cu, 1, 1, 1.0, False, None, None, None, None, False)
-    assert grids == [(B // 16 + B, H), (B // 32 + B, H), (B // 16 + B, H)]
+    for deterministic in (False, True):
+        va._launch_bwd(q, q, q, q, out.zero_(), lse.zero_(), cu, cu, 1, 1, 1.0, False, None, None, None, None, False,
+                       deterministic)
+    # forward; fused backward (key blocks); deterministic dk/dv (key blocks) and dq (query blocks)
+    assert grids == [(B // 16 + B, H), (B // 32 + B, H), (B // 32 + B, H), (B // 16 + B, H)]
 
 
 def test_autotune_key_has_a_length_bucket():
     from omni_core.kernels.varlen_attention import configs
 
-    tuners = [*configs._fwd.values(), *configs._bwd_dkdv.values(), *(t for d in configs._bwd_dq.values()
-                                                                     for t in d.values())]
+    tuners = [*configs._fwd.values(), *configs._bwd_dkdv.values(),
+              *(t for d in (*configs._bwd_dq.values(), *configs._bwd_fused.values()) for t in d.values())]
     assert all("SEQLEN_BUCKET" in t.keys for t in tuners)
     assert [configs.seqlen_bucket(n) for n in (0, 1, 17, 64, 65, 257, 10**6)] == [16, 16, 32, 64, 128, 512, 65536]
 
 
-def test_bias_gradient_is_bitwise_repeatable():
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fused", "deterministic"])
+def test_gradients_are_bitwise_repeatable(deterministic):
+    """Both paths repeat dk, dv and d bias_table bit for bit (no atomics there); the
+    deterministic path dq too (the fused path's dq atomics may reorder on a GPU)."""
     pack = make_pack([5, 70, 9], 1, 32, "joint", seed=2, lut="random")
-    first, second = run(va.varlen_attention_triton, pack, torch.float16), run(
-        va.varlen_attention_triton, pack, torch.float16)
-    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    first, second = (run(va.varlen_attention_triton, pack, torch.float16, deterministic=deterministic)
+                     for _ in range(2))
+    names = ["out", "dq", "dk", "dv", "dbias_table"]
+    checked = names if deterministic or va.INTERPRET else [n for n in names if n != "dq"]
+    assert all(torch.equal(a, b) for n, a, b in zip(names, first, second, strict=True) if n in checked)
 
 
 def test_compact_lut_equals_its_dense_form():
@@ -234,8 +253,10 @@ def test_model_luts_compact_equals_dense_bit_for_bit():
     check_against_references(as_compact, torch.bfloat16)
 
 
-def test_bias_gradient_uses_no_atomics():
-    """Counted by the traffic model's interpreter hooks: the whole backward issues no atomic."""
+def test_atomics_are_only_the_fused_dq():
+    """Counted by the traffic model's interpreter hooks: the deterministic backward issues no
+    atomic; the fused one only its dq adds (as many with the bias gradient as without: that
+    gradient takes none), each dq element hit once per key block of its sequence."""
     import sys
     from pathlib import Path
 
@@ -243,9 +264,26 @@ def test_bias_gradient_uses_no_atomics():
     import traffic
 
     pack = make_pack([1, 66, 9, 130], 2, 32, "joint", seed=7, lut="compact")
-    launches, _ = traffic.count(lambda: run(va.varlen_attention_triton, pack, torch.bfloat16))
-    kernels = [x for x in launches if not x.name.startswith("torch.")]
-    assert any("dq" in x.name for x in kernels) and sum(x.atomics for x in kernels) == 0
+
+    def kernels(table_grad: bool = True, **kwargs) -> list:
+        def step():
+            q, k, v = (pack[n].to(torch.bfloat16).requires_grad_() for n in "qkv")
+            table = pack["table"].clone().requires_grad_(table_grad)
+            out = va.varlen_attention_triton(q, k, v, pack["cu"], pack["max_seqlen"], None, table, pack["lut"],
+                                             pack["modality"], pack["position"], **kwargs)
+            out.backward(pack["dout"].to(out.dtype))
+
+        launches, _ = traffic.count(step)
+        return [x for x in launches if not x.name.startswith("torch.")]
+
+    deterministic = kernels(deterministic=True)
+    assert any("dq" in x.name for x in deterministic) and sum(x.atomics for x in deterministic) == 0
+    fused = [x for x in kernels() if x.atomics]
+    assert [x.name for x in fused] == ["_bwd_fused_kernel"]
+    key_blocks = -(-130 // va.INTERPRET_CONFIG[1])
+    assert fused[0].max_same_address_atomics == key_blocks
+    without_bias_grad = [x for x in kernels(table_grad=False) if x.atomics]
+    assert [x.atomics for x in without_bias_grad] == [fused[0].atomics]
 
 
 def test_dispatch_and_compat_reach_the_kernel(monkeypatch):
@@ -411,7 +449,7 @@ def make_mode_pack(case: str, seed: int) -> dict:
     return pack
 
 
-def run_modes(fn, pack: dict, dtype: torch.dtype, table_dtype: torch.dtype | None = None):
+def run_modes(fn, pack: dict, dtype: torch.dtype, table_dtype: torch.dtype | None = None, **flags):
     """Output, lse and gradients (q, k, v, table) of ``fn`` with the pack's modes."""
     q, k, v = (pack[n].to(DEVICE, dtype, copy=True).requires_grad_() for n in "qkv")
     table = pack["table"]
@@ -420,18 +458,18 @@ def run_modes(fn, pack: dict, dtype: torch.dtype, table_dtype: torch.dtype | Non
     extra = [None if pack[n] is None else pack[n].to(DEVICE) for n in ("lut", "modality", "position")]
     kwargs = {n: (t.to(DEVICE) if isinstance(t, torch.Tensor) else t) for n, t in pack["kwargs"].items()}
     out, lse = fn(q, k, v, pack["cu"].to(DEVICE), pack["max_seqlen"], None, table, *extra, return_lse=True,
-                  **kwargs)
+                  **kwargs, **flags)
     out.backward(pack["dout"].to(out.dtype).to(DEVICE))
     grads = [q.grad, k.grad, v.grad] + ([table.grad] if table is not None else [])
     return [t.detach().cpu() for t in [out, lse, *grads]]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("dtype, deterministic", PATHS, ids=_path_id)
 @pytest.mark.parametrize("case", list(MODE_CASES))
-def test_decoder_modes_forward_lse_and_gradients(case, dtype, poisoned):
+def test_decoder_modes_forward_lse_and_gradients(case, dtype, deterministic, poisoned):
     seed = fresh_seed()
     pack = make_mode_pack(case, seed)
-    got = run_modes(va.varlen_attention_triton, pack, dtype)
+    got = run_modes(va.varlen_attention_triton, pack, dtype, deterministic=deterministic)
     rounded = {**pack, **{n: pack[n].to(dtype).double() for n in ("q", "k", "v", "dout")}}
     exact = run_modes(varlen_attention_reference, rounded, torch.float64, torch.float64)
     same_precision = run_modes(varlen_attention_reference, pack, dtype)
@@ -454,7 +492,7 @@ def test_bias_gradient_work_is_skipped_without_requires_grad(monkeypatch):
     launch = va._launch_bwd
 
     def spy(*args):
-        seen.append(args[-1])  # bias_grad
+        seen.append(args[-2])  # bias_grad
         return launch(*args)
 
     monkeypatch.setattr(va, "_launch_bwd", spy)
@@ -480,16 +518,34 @@ def test_bias_with_cross_attention_is_refused_before_launch(monkeypatch):
                                    None, None, None, None, None)
 
 
-def test_flash_deterministic_flag_is_accepted_and_changes_nothing(monkeypatch):
-    """flash-attn's deterministic=True: the bias gradient is deterministic anyway."""
+def test_deterministic_flag_picks_the_atomic_free_backward(monkeypatch):
+    """flash-attn's deterministic=True (through compat and ops) and torch's
+    use_deterministic_algorithms reach the launcher's dispatch rule; both paths agree."""
+    seen = []
+    launch = va._launch_bwd
+
+    def spy(*args):
+        seen.append(args[-1])  # deterministic
+        return launch(*args)
+
+    monkeypatch.setattr(va, "_launch_bwd", spy)
     monkeypatch.setenv("OMNI_BACKEND", "triton")
     a = _good()
     grads = []
-    for deterministic in (False, True):
-        table = a["bias_table"].clone().requires_grad_()
-        out = compat.flash_attn_varlen_func(a["q"], a["k"], a["v"], a["cu_seqlens"], a["cu_seqlens"], 5, 5,
-                                            deterministic=deterministic, bias_table=table, bias_lut=a["bias_lut"],
-                                            modality=a["modality"], position=a["position"])
+    for deterministic in (False, True, "torch"):
+        leaves = [a[n].clone().requires_grad_() for n in ("q", "k", "v", "bias_table")]
+        q, k, v, table = leaves
+        was = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(deterministic == "torch", warn_only=True)
+        try:
+            out = compat.flash_attn_varlen_func(q, k, v, a["cu_seqlens"], a["cu_seqlens"], 5, 5,
+                                                deterministic=deterministic is True, bias_table=table,
+                                                bias_lut=a["bias_lut"], modality=a["modality"],
+                                                position=a["position"])
+        finally:
+            torch.use_deterministic_algorithms(was)
         out.sum().backward()
-        grads.append(table.grad)
-    assert torch.equal(*grads)
+        grads.append([t.grad for t in leaves])
+    assert seen == [False, True, True]
+    for fused, ordered in zip(grads[0], grads[1], strict=True):
+        assert rel_err(fused, ordered.double()) < 1e-5

@@ -10,7 +10,7 @@ table rows, so thousands of atomics queue on one address. Here there are none:
 1. **Reduce inside the tile, along token diagonals.** Every relative LUT the project builds
    gives a pair's entry from its position difference, and inside one modality segment
    positions advance with the tokens: all pairs on one diagonal ``j - i`` of a tile read
-   one entry. The dq kernel skews its ``[BLOCK_M, BLOCK_N]`` tile of ``dS`` (``tl.gather``)
+   one entry. The kernel skews its ``[BLOCK_M, BLOCK_N]`` tile of ``dS`` (``tl.gather``)
    so that diagonal ``t = j - i + BLOCK_M - 1`` becomes column t, and sums each column per
    entry: a pass takes, on every diagonal, the smallest entry not yet summed. Diagonals
    that cross a segment boundary, or the CLS row and column, hold two or three entries,
@@ -20,11 +20,14 @@ table rows, so thousands of atomics queue on one address. Here there are none:
 2. **Merge equal entries across diagonals** (far diagonals share a log bucket): a
    ``[W, W]`` comparison sums every diagonal's partial into the first diagonal carrying
    the same entry, so each entry is written once per pass.
-3. **Private rows, then one reduction.** Each query block adds its partials into its own
-   fp32 row of a ``[rows, NB, H]`` scratch (row ``start // BLOCK_M + b + qb``: one writer,
-   program order, so a read-modify-write needs no atomic); after the launch the rows are
-   summed (a torch reduction, deterministic). The gradient is bit-identical from run to
-   run; the scratch is ``(T / BLOCK_M + B + 1) * NB * H * 4`` bytes, zero-filled.
+3. **Private rows, then one reduction.** Each block adds its partials into its own fp32 row
+   of a ``[rows, NB, H]`` scratch (row ``start // BLOCK + b + block``: one writer, program
+   order, so a read-modify-write needs no atomic); after the launch the rows are summed (a
+   torch reduction, deterministic). The block is the query block of the deterministic path's
+   dq kernel, or the key block of the fused kernel (whose programs for the other key heads
+   of that block write other head columns of the row). Either way the gradient is
+   bit-identical from run to run; the scratch is ``(T / BLOCK + B + 1) * NB * H * 4`` bytes,
+   zero-filled.
 
 The work is skipped for tiles without a biased pair, and the whole gradient is compiled out
 (``BIAS_GRAD=False``) when ``bias_table`` needs none.
@@ -42,7 +45,9 @@ _NO_ENTRY = tl.constexpr(2147483647)  # larger than any entry: "nothing left on 
 @triton.jit
 def _accumulate_bias_grad(DBias, entry, ds, h, H, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Add the tile's ``ds`` (fp32 ``[BLOCK_M, BLOCK_N]``, ``entry`` -1 where no bias
-    applies) into this query block's private row ``DBias [NB, H]``, per entry, no atomics."""
+    applies) into this block's private row ``DBias [NB, H]``, per entry, no atomics. The
+    tile may be transposed (keys as rows, as the fused kernel holds it): its diagonals are
+    the same pairs."""
     if tl.max(tl.max(entry, 1), 0) >= 0:
         W: tl.constexpr = 2 * max(BLOCK_M, BLOCK_N)  # diagonals t = j - i + BLOCK_M - 1 < W
         rows = tl.arange(0, BLOCK_M)
@@ -69,14 +74,14 @@ def _accumulate_bias_grad(DBias, entry, ds, h, H, BLOCK_M: tl.constexpr, BLOCK_N
             first = tl.min(ent, 0)
 
 
-def bias_grad_buffer(T: int, B: int, NB: int, H: int, min_block_m: int, bias_grad: bool,
+def bias_grad_buffer(T: int, B: int, NB: int, H: int, min_block: int, bias_grad: bool,
                      device: torch.device) -> torch.Tensor:
-    """Zeroed fp32 scratch of the dq kernel: one ``[NB, H]`` row per query block (row
-    ``start // BLOCK_M + b + qb`` is below ``T // BLOCK_M + B + 1``), or a 1-element dummy
-    without a bias gradient."""
+    """Zeroed fp32 scratch: one ``[NB, H]`` row per block of ``min_block`` or more tokens
+    (row ``start // BLOCK + b + block`` is below ``T // BLOCK + B + 1``), or a 1-element
+    dummy without a bias gradient."""
     if not bias_grad:
         return torch.zeros(1, dtype=torch.float32, device=device)
-    rows = T // min_block_m + B + 1
+    rows = T // min_block + B + 1
     if rows * NB * H >= 2**31:
         raise ValueError(f"the bias-gradient scratch ({rows} x {NB} x {H}) needs int32 offsets: fewer tokens, "
                          "table rows or heads per call")

@@ -2,11 +2,17 @@
 Varlen attention, backward kernels
 ==================================
 
-A preprocess kernel computes ``delta = rowsum(dO * O)`` (fp32, ``[H, T]`` like the lse), then
-two kernels recompute the probabilities from the saved base-2 log-sum-exp: one per key
-block accumulates ``dk, dv`` over the query blocks (and over the query heads of a
-grouped-query group), one per query block accumulates ``dq`` over the key blocks and, when
-asked, the bias gradient (``bias_grad.py``). Neither uses atomics for ``dq, dk, dv``.
+A preprocess kernel computes ``delta = rowsum(dO * O)`` (fp32, ``[H, T]`` like the lse); the
+gradients then recompute the probabilities from the saved base-2 log-sum-exp, on one of two
+paths (``op._launch_bwd`` picks):
+
+* **fused** (the default, FlashAttention-2's): one program per key block accumulates ``dk,
+  dv`` over the query blocks (and over the query heads of a grouped-query group) and adds
+  each tile's ``dq`` into an fp32 scratch by atomics, and, when asked, the bias gradient
+  into per-key-block private rows (``bias_grad.py``): 5 GEMMs per tile pair;
+* **deterministic** (two kernels, no atomics at all): the same key-block kernel without the
+  ``dq`` part, and one per query block that accumulates ``dq`` over the key blocks in order
+  and the bias gradient into per-query-block rows: 7 GEMMs per tile pair, bit-repeatable.
 """
 
 from __future__ import annotations
@@ -194,3 +200,101 @@ def _bwd_dq_kernel(
     dq *= sm_scale
     tl.store(DQ + offs_m[:, None] * stride_qt + offs_d[None, :],
              _cast(dq, DQ.dtype.element_ty, UPCAST), mask=q_mask)
+
+
+@triton.jit
+def _bwd_fused_kernel(
+    Q, K, V, DO, DQAcc, DK, DV, Lse, Delta, CuSeqQ, CuSeqK, Table, Lut, Modality, Position, Order, CuSched, DBias,
+    qk_scale, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    T, H, P, GROUP, NB, B, SEARCH_STEPS, SEQLEN_BUCKET,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, LUT_FORM: tl.constexpr, BIAS_GRAD: tl.constexpr, CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """FlashAttention-2's backward in one kernel: one key block of one key/value head, as
+    ``_bwd_dkdv_kernel``, also computes each tile's ``dq`` part ``scale * dS k`` and adds it
+    into the fp32 scratch ``DQAcc`` (q's strides) by atomics: 5 GEMMs per tile pair where the
+    two kernels take 7, and q, k, v, dO are read and the bias gathered once per tile pair, not
+    twice. The atomic order varies between runs on a GPU, so ``dq`` is not bit-repeatable
+    (``dk``, ``dv`` and the bias gradient are): the launcher takes the two-kernel path when
+    asked to be deterministic.
+
+    With BIAS_GRAD the bias gradient is reduced as in the dq kernel (``bias_grad.py``), into
+    this *key* block's private row of ``DBias`` (row ``k_start // BLOCK_N + b + kb``, one per
+    key block; the programs of the other key heads of the block write other head columns), so
+    it still needs no atomic. Why here and not in a separate dq kernel: the fused tile already
+    holds dS and the LUT entries; a dq kernel would recompute S and dP (2 of its 3 GEMMs) and
+    read q, k, v, dO and the bias again only for this sum (see the traffic rows in the README)."""
+    b, kb = _scheduled_tile(Order, CuSched, B, SEARCH_STEPS, BLOCK_N)  # over the key sequences
+    hk = tl.program_id(1)
+    q_start, Lq, k_start, Lk = _seq_bounds(CuSeqQ, CuSeqK, b)
+    if kb * BLOCK_N >= Lk:
+        return
+    K += k_start * stride_kt + hk * stride_kh
+    V += k_start * stride_vt + hk * stride_vh
+    DK += k_start * stride_kt + hk * stride_kh
+    DV += k_start * stride_vt + hk * stride_vh
+    Q += q_start * stride_qt
+    DQAcc += q_start * stride_qt
+    DO += q_start * stride_dot
+    Lse += q_start
+    Delta += q_start
+    Modality += q_start
+    Position += q_start
+
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    col_ok = offs_n < Lk
+    d_ok = offs_d < HEAD_DIM
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+    if HAS_BIAS:
+        mod_n, pos_n = _load_ids(Modality, Position, offs_n, col_ok, -2)
+        if BIAS_GRAD:
+            DBias += (k_start // BLOCK_N + b + kb) * NB * H
+    first_row = 0
+    if CAUSAL:
+        first_row = tl.maximum(kb * BLOCK_N - (Lk - Lq), 0) // BLOCK_M * BLOCK_M
+
+    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        for start_m in range(first_row, Lq, BLOCK_M):
+            rows = start_m + offs_m
+            row_ok = rows < Lq
+            q_mask = row_ok[:, None] & d_ok[None, :]
+            q_offs = h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :]
+            q = tl.load(Q + q_offs, mask=q_mask, other=0.0)
+            do = tl.load(DO + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :],
+                         mask=q_mask, other=0.0)
+            lse = _load_lse(Lse + h.to(tl.int64) * T, rows, row_ok)
+            delta = tl.load(Delta + h.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
+            sT = _dot(k, tl.trans(q), UPCAST, IEEE) * qk_scale  # [BLOCK_N, BLOCK_M]
+            if HAS_BIAS:
+                mod_m, pos_m = _load_ids(Modality, Position, rows, row_ok, -1)
+                entry, bias = _bias_tile(Table, Lut, mod_m[None, :], pos_m[None, :], mod_n[:, None],
+                                         pos_n[:, None], h, H, P, LUT_FORM)
+                sT += bias * 1.4426950408889634
+            pT = tl.math.exp2(sT - lse[None, :])
+            pT = tl.where(_allowed(rows[None, :], offs_n[:, None], Lq, Lk, CAUSAL), pT, 0.0)
+            dv += _dot(_cast(pT, do.dtype, UPCAST), do, UPCAST, IEEE)
+            dpT = _dot(v, tl.trans(do), UPCAST, IEEE)
+            dsT = pT * (dpT - delta[None, :])
+            ds_op = _cast(dsT, q.dtype, UPCAST)
+            dk += _dot(ds_op, q, UPCAST, IEEE)
+            dq = _dot(tl.trans(ds_op), k, UPCAST, IEEE) * sm_scale  # [BLOCK_M, D_PAD]
+            tl.atomic_add(DQAcc + q_offs, dq, mask=q_mask, sem="relaxed")
+            if BIAS_GRAD:
+                # The transposed tile has the same diagonals (mirrored): the reduction is exact
+                # for any LUT, so it is called with the roles of the block sizes swapped.
+                _accumulate_bias_grad(DBias, entry, dsT, h, H, BLOCK_N, BLOCK_M)
+
+    dk *= sm_scale
+    tl.store(DK + offs_n[:, None] * stride_kt + offs_d[None, :],
+             _cast(dk, DK.dtype.element_ty, UPCAST), mask=kv_mask)
+    tl.store(DV + offs_n[:, None] * stride_vt + offs_d[None, :],
+             _cast(dv, DV.dtype.element_ty, UPCAST), mask=kv_mask)

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import triton
 from omni_core.kernels._aot import AotConfig
-from omni_core.kernels.varlen_attention.bwd import _bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel
+from omni_core.kernels.varlen_attention.bwd import (
+    _bwd_delta_kernel,
+    _bwd_dkdv_kernel,
+    _bwd_dq_kernel,
+    _bwd_fused_kernel,
+)
 from omni_core.kernels.varlen_attention.common import INTERPRET, _d_pad
 from omni_core.kernels.varlen_attention.fwd import _fwd_kernel
 
@@ -65,6 +70,25 @@ DQ_BIAS_GRAD_CONFIGS = {
     ("fp32", 128): [(16, 32, 8, 1)],
     ("fp32", 256): [(16, 16, 4, 1)],
 }
+# The fused backward (bwd.py): the dk/dv kernel's tiles plus a [BLOCK_M, D_PAD] dq tile and
+# its atomics; with the bias gradient, the 32-row tiles of the dq kernel's list (the skewed
+# [BLOCK_N, W] tiles and [W, W] merge cost the same registers here).
+FUSED_CONFIGS = {
+    ("half", 64): [(64, 64, 4, 2), (32, 64, 4, 2), (32, 64, 8, 3)],
+    ("half", 128): [(32, 64, 8, 2), (32, 64, 8, 3)],
+    ("half", 256): [(32, 32, 8, 1)],
+    ("fp32", 64): [(16, 64, 4, 1)],
+    ("fp32", 128): [(16, 32, 8, 1)],
+    ("fp32", 256): [(16, 16, 8, 1)],
+}
+FUSED_BIAS_GRAD_CONFIGS = {
+    ("half", 64): [(32, 32, 4, 2)],
+    ("half", 128): [(32, 32, 8, 1)],
+    ("half", 256): [(32, 32, 8, 1)],
+    ("fp32", 64): [(16, 32, 4, 1)],
+    ("fp32", 128): [(16, 32, 8, 1)],
+    ("fp32", 256): [(16, 16, 8, 1)],
+}
 # The delta preprocess kernel's token rows per program, by D_PAD > 128: [BLOCK_T, D_PAD] of
 # dO and O in registers (4 warps), no dot.
 DELTA_BLOCK_T = {False: 64, True: 32}
@@ -105,6 +129,11 @@ _bwd_dq = {
     False: _autotuned(_bwd_dq_kernel, DQ_CONFIGS, key=_KEY),
     True: _autotuned(_bwd_dq_kernel, DQ_BIAS_GRAD_CONFIGS, key=_KEY, reset_to_zero=["DBias"]),
 }
+# The fused backward accumulates into zeroed scratches, which every autotuning trial must find zeroed.
+_bwd_fused = {
+    False: _autotuned(_bwd_fused_kernel, FUSED_CONFIGS, key=_KEY, reset_to_zero=["DQAcc"]),
+    True: _autotuned(_bwd_fused_kernel, FUSED_BIAS_GRAD_CONFIGS, key=_KEY, reset_to_zero=["DQAcc", "DBias"]),
+}
 
 
 
@@ -129,10 +158,10 @@ def _reference_cost(head_dim: int, elem: int, backward: bool, causal: bool) -> t
 
 
 def aot_configs() -> list[AotConfig]:
-    """Every autotune config x {fp16, bf16, fp32} x head dim: forward, dk/dv, dq, and dq with
-    the bias gradient (``_bias_grad``), all with the bias on (compact relative LUT; its
-    gather costs registers); plus the causal variants without a bias (the decoder case),
-    labelled ``causal``."""
+    """Every autotune config x {fp16, bf16, fp32} x head dim: forward, dk/dv, dq, the fused
+    backward, and dq and the fused backward with the bias gradient (``_bias_grad``), all with
+    the bias on (compact relative LUT; its gather costs registers); plus the causal variants
+    without a bias (the decoder case), labelled ``causal``."""
     configs: list[AotConfig] = []
     for dtype in ("fp16", "bf16", "fp32"):
         elem = 4 if dtype == "fp32" else 2
@@ -143,6 +172,9 @@ def aot_configs() -> list[AotConfig]:
                 ("varlen_attention_bwd_dq", _bwd_dq_kernel, DQ_CONFIGS, {"BIAS_GRAD": False}, True),
                 ("varlen_attention_bwd_dq_bias_grad", _bwd_dq_kernel, DQ_BIAS_GRAD_CONFIGS, {"BIAS_GRAD": True},
                  True),
+                ("varlen_attention_bwd_fused", _bwd_fused_kernel, FUSED_CONFIGS, {"BIAS_GRAD": False}, True),
+                ("varlen_attention_bwd_fused_bias_grad", _bwd_fused_kernel, FUSED_BIAS_GRAD_CONFIGS,
+                 {"BIAS_GRAD": True}, True),
             )
             for causal in (False, True):
                 common = {"HEAD_DIM": head_dim, "D_PAD": _d_pad(head_dim), "HAS_BIAS": not causal,
@@ -176,7 +208,7 @@ def aot_configs() -> list[AotConfig]:
 
 
 _FLOAT_ARGS = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
-_FP32_ARGS = {"Lse", "Delta", "Table", "DBias"}
+_FP32_ARGS = {"Lse", "Delta", "Table", "DBias", "DQAcc"}
 _INT_PTR_ARGS = {"CuSeqQ", "CuSeqK", "Lut", "Modality", "Position", "Order", "CuSched"}
 _FP32_SCALARS = {"qk_scale", "sm_scale"}
 

@@ -30,9 +30,11 @@ from omni_core.kernels.varlen_attention.common import (
 from omni_core.kernels.varlen_attention.configs import (
     DELTA_BLOCK_T,
     DQ_BIAS_GRAD_CONFIGS,
+    FUSED_BIAS_GRAD_CONFIGS,
     INTERPRET_CONFIG,
     _bwd_dkdv,
     _bwd_dq,
+    _bwd_fused,
     _fwd,
     _tier,
     seqlen_bucket,
@@ -146,22 +148,56 @@ def _delta(do: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def _launch_bwd(do, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, scale, causal,
-                bias_table, bias_lut, modality, position, bias_grad):
+                bias_table, bias_lut, modality, position, bias_grad, deterministic):
+    """Gradients (dq, dk, dv, d bias_table). The dispatch rule: the fused kernel (5 GEMMs a tile
+    pair, dq by fp32 atomics) unless ``deterministic``, then the two atomic-free kernels (7
+    GEMMs, dq summed in order): bit-repeatable, as flash-attn's ``deterministic=True``."""
     T, H, Dh = q.shape
     B = cu_seqlens.numel() - 1
     do = do.contiguous()
-    dq = _empty(q.shape, q.dtype, q.device)
     dk, dv = (_empty(k.shape, k.dtype, k.device) for _ in range(2))
     delta = _delta(do, out.contiguous())
     (table, lut, mod, pos, P), bias_flags = _bias_args(bias_table, bias_lut, modality, position, q)
     bias_grad = bias_flags["HAS_BIAS"] and bias_grad
     NB = table.shape[0] if bias_flags["HAS_BIAS"] else 1
     tier = _tier(Dh, DTYPES[q.dtype])
-    configs = [INTERPRET_CONFIG] if INTERPRET else DQ_BIAS_GRAD_CONFIGS[tier]
-    dbias_scratch = bias_grad_buffer(T, B, NB, H, min(c[0] for c in configs), bias_grad, q.device)
     common = dict(HEAD_DIM=Dh, D_PAD=_d_pad(Dh), **bias_flags, CAUSAL=causal, UPCAST=INTERPRET,
                   IEEE=q.dtype == torch.float32)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    group = H // k.shape[1]
+    Tk = k.shape[0]
+    if not deterministic:
+        # The bias gradient's private rows are per key block (BLOCK_N, index 1 of a config).
+        configs = [INTERPRET_CONFIG] if INTERPRET else FUSED_BIAS_GRAD_CONFIGS[tier]
+        dbias_scratch = bias_grad_buffer(Tk, B, NB, H, min(c[1] for c in configs), bias_grad, q.device)
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        if Tk > 0 and max_seqlen_k > 0:  # also with no query rows: dk, dv are written (zeros)
+            order, cu_sched, _, steps = schedule(cu_seqlens_k)
+            _bwd_fused[bias_grad][tier][lambda meta: (scheduled_programs(Tk, B, meta["BLOCK_N"]), k.shape[1])](
+                q, k, v, do, dq_acc, dk, dv, lse, delta, cu_seqlens, cu_seqlens_k, table, lut, mod, pos, order,
+                cu_sched, dbias_scratch, scale * LOG2E, scale, *strides, T, H, P, group, NB, B, steps,
+                seqlen_bucket(max_seqlen_k), BIAS_GRAD=bias_grad, **common,
+            )
+        dq = dq_acc.to(q.dtype)
+    else:
+        dq = _empty(q.shape, q.dtype, q.device)
+        configs = [INTERPRET_CONFIG] if INTERPRET else DQ_BIAS_GRAD_CONFIGS[tier]
+        dbias_scratch = bias_grad_buffer(T, B, NB, H, min(c[0] for c in configs), bias_grad, q.device)
+        _launch_bwd_deterministic(q, k, v, do, dq, dk, dv, lse, delta, cu_seqlens, cu_seqlens_k, max_seqlen,
+                                  max_seqlen_k, scale, (table, lut, mod, pos, P, NB), dbias_scratch, bias_grad,
+                                  strides, common)
+    if not bias_grad:
+        return dq, dk, dv, q.new_empty(0)
+    return dq, dk, dv, finish_bias_grad(dbias_scratch, bias_table.dtype)
+
+
+def _launch_bwd_deterministic(q, k, v, do, dq, dk, dv, lse, delta, cu_seqlens, cu_seqlens_k, max_seqlen,
+                              max_seqlen_k, scale, bias, dbias_scratch, bias_grad, strides, common):
+    """The two atomic-free kernels: dk/dv per key block, then dq (and the bias gradient) per query block."""
+    T, H, Dh = q.shape
+    B = cu_seqlens.numel() - 1
+    table, lut, mod, pos, P, NB = bias
+    tier = _tier(Dh, DTYPES[q.dtype])
     group = H // k.shape[1]
     Tk = k.shape[0]
     if Tk > 0 and max_seqlen_k > 0:
@@ -178,9 +214,6 @@ def _launch_bwd(do, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, max_seqlen, max
             BIAS_GRAD=bias_grad,
             **common,
         )
-    if not bias_grad:
-        return dq, dk, dv, q.new_empty(0)
-    return dq, dk, dv, finish_bias_grad(dbias_scratch, bias_table.dtype)
 
 
 @torch.library.custom_op("omni_core::varlen_attention", mutates_args=())
@@ -188,15 +221,17 @@ def _varlen_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, cu_seqlens_k: torch.Tensor,
     max_seqlen: int, max_seqlen_k: int, softmax_scale: float, causal: bool, bias_table: torch.Tensor | None,
     bias_lut: torch.Tensor | None, modality: torch.Tensor | None, position: torch.Tensor | None,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: (out [T, H, Dh], lse [H, T] fp32, base 2)."""
+    """Forward: (out [T, H, Dh], lse [H, T] fp32, base 2). ``deterministic`` picks the
+    backward's path (see ``_launch_bwd``)."""
     return _launch_fwd(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, cu_seqlens_k, max_seqlen,
                        softmax_scale, causal, bias_table, bias_lut, modality, position)
 
 
 @_varlen_attention_op.register_fake
 def _(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, softmax_scale, causal, bias_table, bias_lut,
-      modality, position):
+      modality, position, deterministic=False):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
@@ -205,29 +240,30 @@ def _varlen_attention_backward_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, cu_seqlens: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen: int, max_seqlen_k: int,
     softmax_scale: float, causal: bool, bias_table: torch.Tensor | None, bias_lut: torch.Tensor | None,
-    modality: torch.Tensor | None, position: torch.Tensor | None, bias_grad: bool,
+    modality: torch.Tensor | None, position: torch.Tensor | None, bias_grad: bool, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: (dq, dk, dv, d bias_table); d bias_table is empty without a bias or when
     ``bias_grad`` is off (bias_table needs no gradient: the bias-gradient work is skipped)."""
     return _launch_bwd(do, q.contiguous(), k.contiguous(), v.contiguous(), out, lse, cu_seqlens, cu_seqlens_k,
                        max_seqlen, max_seqlen_k, softmax_scale, causal, bias_table, bias_lut, modality, position,
-                       bias_grad)
+                       bias_grad, deterministic)
 
 
 @_varlen_attention_backward_op.register_fake
 def _(do, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, softmax_scale, causal,
-      bias_table, bias_lut, modality, position, bias_grad):
+      bias_table, bias_lut, modality, position, bias_grad, deterministic):
     dbias = torch.empty_like(bias_table) if bias_table is not None and bias_grad else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, scale, causal, bias_table, bias_lut, modality,
-     position) = inputs
+     position, deterministic) = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, cu_seqlens_k, bias_table, bias_lut, modality, position)
     ctx.max_seqlen, ctx.max_seqlen_k, ctx.scale, ctx.causal = max_seqlen, max_seqlen_k, scale, causal
+    ctx.deterministic = deterministic
 
 
 def _backward(ctx, dout, _dlse):
@@ -235,8 +271,8 @@ def _backward(ctx, dout, _dlse):
     bias_grad = bias_table is not None and ctx.needs_input_grad[9]
     dq, dk, dv, dbias = _varlen_attention_backward_op(
         dout, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, ctx.max_seqlen, ctx.max_seqlen_k, ctx.scale,
-        ctx.causal, bias_table, bias_lut, modality, position, bias_grad)
-    return dq, dk, dv, None, None, None, None, None, None, (dbias if bias_grad else None), None, None, None
+        ctx.causal, bias_table, bias_lut, modality, position, bias_grad, ctx.deterministic)
+    return dq, dk, dv, None, None, None, None, None, None, (dbias if bias_grad else None), None, None, None, None
 
 
 _varlen_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -259,11 +295,18 @@ def varlen_attention_triton(
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_k: int | None = None,
     return_lse: bool = False,
+    deterministic: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The "triton" backend of :func:`omni_core.ops.varlen_attention` (same arguments, the
     first ten positional). Differentiable in q, k, v and ``bias_table``; one op for
     torch.compile. With ``return_lse`` also the natural-log LSE ``[H, T]`` fp32 (not
-    differentiable, as flash-attn's)."""
+    differentiable, as flash-attn's).
+
+    The backward is FlashAttention-2's fused kernel, whose ``dq`` is summed by fp32 atomics
+    (on a GPU, its last bits vary from run to run); with ``deterministic=True`` (flash-attn's
+    flag) or under ``torch.use_deterministic_algorithms(True)`` it is the two atomic-free
+    kernels instead, bit-repeatable and about 7/5 of the tensor-core work. ``dk``, ``dv`` and
+    ``d bias_table`` are bit-repeatable on both paths."""
     _check(q, k, v, cu_seqlens, cu_seqlens_k, (bias_table, bias_lut, modality, position))
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
     if cu_seqlens_k is None:
@@ -271,8 +314,10 @@ def varlen_attention_triton(
     elif max_seqlen_k is None:
         raise ValueError("max_seqlen_k is required with cu_seqlens_k")
     out, lse = _varlen_attention_op(q, k, v, cu_seqlens, cu_seqlens_k, int(max_seqlen), int(max_seqlen_k), scale,
-                                    bool(causal), bias_table, bias_lut, modality, position)
+                                    bool(causal), bias_table, bias_lut, modality, position,
+                                    bool(deterministic) or torch.are_deterministic_algorithms_enabled())
     return (out, lse * LN2) if return_lse else out
 
 
-varlen_attention_triton.modes = frozenset({"causal", "cross", "gqa", "lse", "relative_lut"})
+# "deterministic": the op takes a ``deterministic`` keyword (backends without it are deterministic).
+varlen_attention_triton.modes = frozenset({"causal", "cross", "gqa", "lse", "relative_lut", "deterministic"})

@@ -8,8 +8,9 @@
 * :func:`flash_attn_func` — padded ``[B, L, H, Dh]`` batches.
 * :func:`flash_attn_with_kvcache` — decoding over a KV cache (no rotary, no paging).
 
-``deterministic=True`` is accepted; it needs nothing: the Triton kernel's gradients, the bias
-gradient included, are deterministic (no atomics). Features omni-core does not implement —
+``deterministic=True`` makes the Triton kernel's backward take its atomic-free two-kernel path
+(bit-repeatable ``dq``; the default fused backward sums ``dq`` by fp32 atomics, as flash-attn's);
+the other backends are deterministic anyway. Features omni-core does not implement —
 dropout, sliding windows, softcap, ALiBi, paged KV caches (``block_table``), rotary embedding
 inside the call, cache index remapping — raise ``NotImplementedError`` naming them.
 """
@@ -78,7 +79,7 @@ def flash_attn_varlen_func(
         cross = {"cu_seqlens_k": cu_seqlens_k, "max_seqlen_k": max_seqlen_k}
     result = varlen_attention(q, k, v, cu_seqlens_q, max_seqlen_q, softmax_scale=softmax_scale, causal=causal,
                               bias_table=bias_table, bias_lut=bias_lut, modality=modality, position=position,
-                              return_lse=return_attn_probs, **cross)
+                              return_lse=return_attn_probs, deterministic=deterministic, **cross)
     if return_attn_probs:
         out, lse = result
         return out, lse, None
@@ -124,7 +125,7 @@ def flash_attn_func(
     cross = {} if Lk == Lq else {"cu_seqlens_k": _uniform_cu_seqlens(B, Lk, q.device), "max_seqlen_k": Lk}
     result = varlen_attention(q.reshape(B * Lq, H, Dh), k.reshape(B * Lk, *k.shape[2:]),
                               v.reshape(B * Lk, *v.shape[2:]), cu_q, Lq, softmax_scale=softmax_scale,
-                              causal=causal, return_lse=return_attn_probs, **cross)
+                              causal=causal, return_lse=return_attn_probs, deterministic=deterministic, **cross)
     out, lse = result if return_attn_probs else (result, None)
     out = out.view(B, Lq, H, -1)
     if return_attn_probs:

@@ -41,6 +41,9 @@ chosen automatically for the device does not implement a mode the call uses, the
 reference runs it; a backend forced with ``OMNI_BACKEND`` that lacks the mode is a
 :class:`~omni_core.ops.dispatch.BackendUnavailable` error naming the mode (a forced backend
 never falls back silently).
+``deterministic=True`` (flash-attn's flag) is passed on to a backend that lists
+``"deterministic"`` in its modes (the Triton kernel, whose fast backward sums ``dq`` by
+atomics); the others are deterministic as they are and never see it.
 """
 
 from __future__ import annotations
@@ -376,6 +379,7 @@ def varlen_attention(
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_k: int | None = None,
     return_lse: bool = False,
+    deterministic: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention over packed sequences; see the module docstring for the contract.
 
@@ -390,16 +394,18 @@ def varlen_attention(
                                               return_lse, relative)) if on]
     backend, impl = dispatch.resolve(OP, q.device)
     args = (q, k, v, cu_seqlens, int(max_seqlen), softmax_scale, bias_table, bias_lut, modality, position)
-    if not used:
-        return impl(*args)
     missing = [mode for mode in used if mode not in getattr(impl, "modes", ())]
     if missing:
         if dispatch.forced_backend() is not None:
             raise dispatch.BackendUnavailable(
                 f"{OP}: the forced {backend!r} backend does not implement {', '.join(missing)}")
         impl = varlen_attention_reference
+    flag = {"deterministic": True} if deterministic and "deterministic" in getattr(impl, "modes", ()) else {}
+    if not used:
+        return impl(*args, **flag)
     return impl(*args, causal=bool(causal), cu_seqlens_k=cu_seqlens_k,
-                max_seqlen_k=None if max_seqlen_k is None else int(max_seqlen_k), return_lse=bool(return_lse))
+                max_seqlen_k=None if max_seqlen_k is None else int(max_seqlen_k), return_lse=bool(return_lse),
+                **flag)
 
 
 varlen_attention_reference.modes = frozenset(MODES)
