@@ -289,7 +289,10 @@ _FREE_OPS = {"view", "_unsafe_view", "reshape", "expand", "t", "transpose", "per
              "new_empty", "new_empty_strided", "empty_like", "lift_fresh", "_to_copy_meta", "set_",
              "is_same_size", "sym_size", "sym_stride", "sym_numel", "split", "unbind",
              "_has_compatible_shallow_copy_type",
-             "to", "contiguous", "clone_meta", "result_type", "_local_scalar_dense", "item"}
+             "clone_meta", "result_type", "_local_scalar_dense", "item"}
+# Free only when they return their input; a real conversion or copy (seen as ``to`` itself
+# inside a custom op's implementation, where its ``_to_copy`` is not re-dispatched) moves bytes.
+_FREE_IF_SAME = {"to", "contiguous"}
 
 
 class _TorchOps(TorchDispatchMode):
@@ -311,7 +314,7 @@ class _TorchOps(TorchDispatchMode):
                 return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
-        if self.counter._current is not None or name in _FREE_OPS:
+        if self.counter._current is not None or name in _FREE_OPS or (name in _FREE_IF_SAME and out is args[0]):
             return out
         inputs = _tensors((args, kwargs))
         moved = [(tuple(t.shape), t.numel() * t.element_size())
@@ -503,14 +506,16 @@ BIAS_ARGS = ("bias_table", "bias_lut", "modality", "position")
 
 
 def attention_cases(pack: str, dtype: torch.dtype = torch.bfloat16,
-                    variants: tuple[str | None, ...] = ("compact", "dense", None)) -> list[dict[str, Any]]:
+                    variants: tuple[str | None, ...] = ("compact", "dense", None),
+                    deterministic: bool = False) -> list[dict[str, Any]]:
     """Cases ``<pack>-bias`` (a 1-D relative LUT in its compact ``[M, 2P-1]`` form),
     ``<pack>-bias-dense`` (the same LUT as ``[M, P, P]``) and ``<pack>-nobias``; with the
     variants "model" / "model-dense", ``<pack>-bias-model`` (ONE-PEACE-4B's real tables: 1-D
     log buckets with CLS entries for text and audio, BEiT's 2-D image table, in the CLS-aware
     compact ``[M, 2P+2]`` form at respaced image positions, as the model passes them) and
     ``<pack>-bias-model-dense`` (the same tables as the model's dense ``[M, P, P]`` LUT).
-    Forward and whole backward each."""
+    Forward and whole backward each. With ``deterministic`` the backward is the kernel's
+    atomic-free two-kernel path (case names end in ``-deterministic``), else the fused one."""
     from omni_core.model.relpos import relative_lut
     from omni_core.ops import varlen_attention
     from omni_core.ops.attention import validate_varlen_attention
@@ -536,11 +541,13 @@ def attention_cases(pack: str, dtype: torch.dtype = torch.bfloat16,
         inputs = [q, k, v, cu, *extra.values()]
         note = f"{T} tokens, {len(seqs)} sequences, {SCALED_HEADS} of {HEADS} heads, head dim {HEAD_DIM}"
         case = {"compact": "bias", "dense": "bias-dense", None: "nobias"}.get(bias, f"bias-{bias}")
+        case += "-deterministic" if deterministic else ""
         # The value checks (cu_seqlens, LUT range: full reads of the LUT) run once per batch and
         # are memoised for every later layer: run them first, so the rows count one layer's call.
         validate_varlen_attention(q, k, v, cu, max_len, *(extra.get(n) for n in BIAS_ARGS))
         rows += _phases("varlen_attention", f"{pack}-{case}",
-                        lambda q=q, k=k, v=v, extra=extra: varlen_attention(q, k, v, cu, max_len, **extra),
+                        lambda q=q, k=k, v=v, extra=extra: varlen_attention(q, k, v, cu, max_len, **extra,
+                                                                            deterministic=deterministic),
                         inputs, "bf16", note)
     return rows
 
@@ -636,6 +643,10 @@ CASES: dict[str, Callable[[], list[dict[str, Any]]]] = {
     "varlen_attention/stage2": lambda: attention_cases("stage2"),
     "varlen_attention/stage1-model": lambda: attention_cases("stage1", variants=("model", "model-dense")),
     "varlen_attention/stage2-model": lambda: attention_cases("stage2", variants=("model", "model-dense")),
+    "varlen_attention/stage1-deterministic": lambda: attention_cases("stage1", variants=("model", None),
+                                                                       deterministic=True),
+    "varlen_attention/stage2-deterministic": lambda: attention_cases("stage2", variants=("model", None),
+                                                                       deterministic=True),
     "routed_ffn/stage1": lambda: _ffn_rows("stage1"),
     "routed_ffn/stage2": lambda: _ffn_rows("stage2"),
     "layer_norm/stage1": lambda: layer_norm_cases("stage1"),

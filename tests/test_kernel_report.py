@@ -33,7 +33,10 @@ def test_quick_json_report_has_real_values():
         assert r["spill_bytes"] == 0, r
         # The bias-gradient kernels keep 32-row tiles (64 rows spill: configs.DQ_BIAS_GRAD_CONFIGS,
         # FUSED_BIAS_GRAD_CONFIGS), below warpgroup MMA's 64, so sm_90 runs them as HMMA.
-        hopper = "HMMA" if r["kernel"].endswith("_bias_grad") else "HGMMA"
+        # The fused backward's first config has 64 key rows (warpgroup MMA for the four dots with
+        # key rows) and 32 query rows (HMMA for the dq dot).
+        hopper = "HMMA" if r["kernel"].endswith("_bias_grad") else (
+            "HGMMA,HMMA" if r["kernel"] == "varlen_attention_bwd_fused" else "HGMMA")
         if r["kernel"] == "varlen_attention_bwd_delta":  # a row reduction: no dot, no tensor cores
             assert r["mma"] == "none", r
         else:

@@ -15,8 +15,10 @@ that LUT entry is ``>= 0``.
 How it works
 ------------
 * **Schedule.** Every program owns one (query block or key block, sequence, head). The
-  grid is ``(cdiv(max_seqlen, BLOCK), B, H)``; a program whose block starts past the end of
-  its sequence returns at once, and the inner loop runs only over the blocks of the same
+  grid is ``(T // BLOCK + B, H)``: dimension 0 is flattened over the (sequence, block) pairs,
+  longest sequence first, each program finding its pair by a binary search over on-device
+  offsets (``common._scheduled_tile``; no host sync, no grid dimension bounded by B); a spare
+  program returns at once, and the inner loop runs only over the blocks of the same
   sequence, so no key block of another sequence is ever visited and no ``[T, T]`` mask exists.
   With ``causal`` the loops stop at (forward, dq) or start from (dk/dv) the diagonal block,
   so about half the blocks of a causal sequence are never visited.
@@ -37,16 +39,20 @@ How it works
   constexpr ``LUT_FORM`` (``common.lut_form`` reads it from the shape).
 * **Forward.** Online softmax in base 2 (``exp2`` is one instruction); the row
   log-sum-exp (base 2) is saved for the backward and returned (natural log) on request.
-* **Backward.** ``delta = rowsum(dO * O)``, then two kernels that recompute the
-  probabilities from the saved log-sum-exp: one per key block accumulates ``dk, dv`` over
-  the query blocks, one per query block accumulates ``dq`` over the key blocks and the bias
-  gradient. Neither needs atomics for ``dq, dk, dv``. When ``bias_table`` needs no gradient
-  the bias-gradient code is compiled out (``BIAS_GRAD=False``) and no scratch is allocated.
-* **Bias gradient: no atomics, deterministic.** The dq kernel reduces each tile's ``dS``
-  along its token diagonals (all pairs of a diagonal read one entry of a relative LUT),
-  merges diagonals that share an entry, and adds the sums into a private row per query
-  block; the rows are summed after the launch (``bias_grad.py``). Bit-identical from run to
-  run; flash-attn's ``deterministic=True`` is therefore always honoured.
+* **Backward.** ``delta = rowsum(dO * O)`` (a preprocess kernel), then the probabilities are
+  recomputed from the saved log-sum-exp. By default FlashAttention-2's fused kernel: one
+  program per (key block, key head) accumulates ``dk, dv`` over the query blocks (and the
+  query heads of its group) and adds each tile's ``dq`` into an fp32 scratch by atomics (cast
+  after the launch): 5 GEMMs per tile pair. With ``deterministic=True`` (or
+  ``torch.use_deterministic_algorithms``) two atomic-free kernels instead: dk/dv per key
+  block, dq per query block summed in order (7 GEMMs: S and dP are computed twice), so dq is
+  bit-repeatable too. When ``bias_table`` needs no gradient the bias-gradient code is
+  compiled out (``BIAS_GRAD=False``) and no scratch is allocated.
+* **Bias gradient: no atomics, deterministic on both paths.** The kernel that holds ``dS``
+  (the fused one, or the deterministic path's dq kernel) reduces each tile along its token
+  diagonals (all pairs of a diagonal read one entry of a relative LUT), merges diagonals
+  that share an entry, and adds the sums into a private row per key block (fused) or query
+  block; the rows are summed after the launch (``bias_grad.py``). Bit-identical from run to run.
 * **Head dims**: any multiple of 8 from 8 to 256, padded inside the kernel (masked loads and
   stores, no copies) to the next power of two, at least 16 (``tl.dot``'s minimum K). Why
   80 and 96 pad to 128 rather than split into 64+16 / 64+32 columns: a split needs two
@@ -66,7 +72,8 @@ Files
 * ``common.py`` — constants, the one interpreter switch (``INTERPRET``) and the ``@triton.jit``
   helpers every kernel shares (sequence bounds, masks, bias gather, interpreter-safe dot/cast);
 * ``fwd.py`` — the forward kernel;
-* ``bwd.py`` — the dk/dv and dq backward kernels;
+* ``bwd.py`` — the delta preprocess, the fused backward, and the dk/dv and dq kernels of the
+  deterministic path;
 * ``bias_grad.py`` — the bias gradient: in-tile diagonal reduction, private rows, scratch;
 * ``configs.py`` — tile configs per head-dim tier, autotuning, the AOT report configs;
 * ``op.py`` — input checks, launchers, the ``torch.library`` custom ops, the public entry.
