@@ -189,6 +189,16 @@ def test_autotune_key_has_a_length_bucket():
     assert [configs.seqlen_bucket(n) for n in (0, 1, 17, 64, 65, 257, 10**6)] == [16, 16, 32, 64, 128, 512, 65536]
 
 
+def test_bias_gradient_scratch_rows_match_the_grid():
+    """The bias-gradient scratch has one row per program, allocated before autotuning picks a
+    config (and not zero-filled: each program zeroes its row; the NaN-poisoned runs above
+    check that every row is written): every config of a tier schedules the same block."""
+    from omni_core.kernels.varlen_attention import configs
+
+    for table, index in ((configs.FUSED_BIAS_GRAD_CONFIGS, 1), (configs.DQ_BIAS_GRAD_CONFIGS, 0)):
+        assert all(len({c[index] for c in tier}) == 1 for tier in table.values())
+
+
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fused", "deterministic"])
 def test_gradients_are_bitwise_repeatable(deterministic):
     """Both paths repeat dk, dv and d bias_table bit for bit (no atomics there); the
@@ -262,6 +272,7 @@ def test_atomics_are_only_the_fused_dq():
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import traffic
+    from omni_core.kernels.varlen_attention import configs
 
     pack = make_pack([1, 66, 9, 130], 2, 32, "joint", seed=7, lut="compact")
 
@@ -280,7 +291,7 @@ def test_atomics_are_only_the_fused_dq():
     assert any("dq" in x.name for x in deterministic) and sum(x.atomics for x in deterministic) == 0
     fused = [x for x in kernels() if x.atomics]
     assert [x.name for x in fused] == ["_bwd_fused_kernel"]
-    key_blocks = -(-130 // va.INTERPRET_CONFIG[1])
+    key_blocks = -(-130 // configs.INTERPRET_CONFIG[1])
     assert fused[0].max_same_address_atomics == key_blocks
     without_bias_grad = [x for x in kernels(table_grad=False) if x.atomics]
     assert [x.atomics for x in without_bias_grad] == [fused[0].atomics]

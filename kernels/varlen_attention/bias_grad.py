@@ -20,14 +20,16 @@ table rows, so thousands of atomics queue on one address. Here there are none:
 2. **Merge equal entries across diagonals** (far diagonals share a log bucket): a
    ``[W, W]`` comparison sums every diagonal's partial into the first diagonal carrying
    the same entry, so each entry is written once per pass.
-3. **Private rows, then one reduction.** Each block adds its partials into its own fp32 row
-   of a ``[rows, NB, H]`` scratch (row ``start // BLOCK + b + block``: one writer, program
-   order, so a read-modify-write needs no atomic); after the launch the rows are summed (a
-   torch reduction, deterministic). The block is the query block of the deterministic path's
-   dq kernel, or the key block of the fused kernel (whose programs for the other key heads
-   of that block write other head columns of the row). Either way the gradient is
-   bit-identical from run to run; the scratch is ``(T / BLOCK + B + 1) * NB * H * 4`` bytes,
-   zero-filled.
+3. **Private rows, then one reduction.** Each program adds its partials into its own fp32
+   row of a ``[programs, NB, H]`` scratch (row ``program_id(0)`` of the flattened schedule:
+   one writer, program order, so a read-modify-write needs no atomic); after the launch the
+   rows are summed (a torch reduction, deterministic). The program is a query block of the
+   deterministic path's dq kernel, or a key block of the fused kernel (whose programs for
+   the other key heads of that block write other head columns of the row). Either way the
+   gradient is bit-identical from run to run. The scratch is ``(T / BLOCK + B) * NB * H * 4``
+   bytes, and not zero-filled by a separate pass: every program, spare ones included, zeroes
+   its own row first, so the zeros and the partial sums reach memory as one write of the row
+   (a memset before the launch wrote it twice).
 
 The work is skipped for tiles without a biased pair, and the whole gradient is compiled out
 (``BIAS_GRAD=False``) when ``bias_table`` needs none.
@@ -35,11 +37,29 @@ The work is skipped for tiles without a biased pair, and the whole gradient is c
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
 
 _NO_ENTRY = tl.constexpr(2147483647)  # larger than any entry: "nothing left on this diagonal"
+_ZERO_BLOCK = tl.constexpr(1024)  # entries zeroed per store when a program claims its row
+
+
+@triton.jit
+def _claim_bias_grad_row(DBias, h0, G, NB, H):
+    """This program's private row of ``DBias [programs, NB, H]`` (row ``program_id(0)``), its
+    head columns ``h0 .. h0 + G - 1`` zeroed; call before any early return, so that every
+    row the launch's grid covers is written."""
+    row = DBias + tl.program_id(0).to(tl.int64) * NB * H
+    offs = tl.arange(0, _ZERO_BLOCK)
+    for g in range(0, G):
+        for start in range(0, NB, _ZERO_BLOCK):
+            e = start + offs
+            tl.store(row + e * H + h0 + g, tl.zeros([_ZERO_BLOCK], tl.float32), mask=e < NB)
+    tl.debug_barrier()  # the first read-modify-write must see the zeros
+    return row
 
 
 @triton.jit
@@ -74,18 +94,17 @@ def _accumulate_bias_grad(DBias, entry, ds, h, H, BLOCK_M: tl.constexpr, BLOCK_N
             first = tl.min(ent, 0)
 
 
-def bias_grad_buffer(T: int, B: int, NB: int, H: int, min_block: int, bias_grad: bool,
-                     device: torch.device) -> torch.Tensor:
-    """Zeroed fp32 scratch: one ``[NB, H]`` row per block of ``min_block`` or more tokens
-    (row ``start // BLOCK + b + block`` is below ``T // BLOCK + B + 1``), or a 1-element
-    dummy without a bias gradient."""
+def bias_grad_buffer(programs: int, NB: int, H: int, bias_grad: bool, device: torch.device,
+                     empty: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """The fp32 scratch, one ``[NB, H]`` row per program of grid dimension 0 (the kernel
+    zeroes its rows: allocated by ``empty``, not zero-filled), or a 1-element dummy without
+    a bias gradient."""
     if not bias_grad:
         return torch.zeros(1, dtype=torch.float32, device=device)
-    rows = T // min_block + B + 1
-    if rows * NB * H >= 2**31:
-        raise ValueError(f"the bias-gradient scratch ({rows} x {NB} x {H}) needs int32 offsets: fewer tokens, "
-                         "table rows or heads per call")
-    return torch.zeros((rows, NB, H), dtype=torch.float32, device=device)
+    if NB * H >= 2**31:
+        raise ValueError(f"the bias-gradient scratch rows ({NB} x {H}) need int32 offsets: fewer table rows or "
+                         "heads per call")
+    return empty((programs, NB, H), torch.float32, device)
 
 
 def finish_bias_grad(scratch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -102,6 +102,19 @@ DELTA_BLOCK_T = {False: 64, True: 32}
 INTERPRET_CONFIG = (64, 64, 4, 1)
 
 
+def bias_grad_block(table: dict[tuple[str, int], list[tuple[int, int, int, int]]], tier: tuple[str, int],
+                    index: int) -> int:
+    """The block size (``index`` 0: BLOCK_M, 1: BLOCK_N) that sets the grid of a bias-gradient
+    launch: its scratch has one row per program, allocated before the autotuner picks a config,
+    so every config of a tier must share it."""
+    if INTERPRET:
+        return INTERPRET_CONFIG[index]
+    blocks = {config[index] for config in table[tier]}
+    if len(blocks) != 1:
+        raise RuntimeError(f"bias-gradient configs of {tier} disagree on the scheduled block: {sorted(blocks)}")
+    return blocks.pop()
+
+
 def seqlen_bucket(max_seqlen: int) -> int:
     """The autotune key's length bucket: ``max_seqlen`` rounded up to a power of two, from 16 to 2**16."""
     return min(max(16, triton.next_power_of_2(max(int(max_seqlen), 1))), 1 << 16)
@@ -132,12 +145,12 @@ _bwd_dkdv = _autotuned(_bwd_dkdv_kernel, DKDV_CONFIGS, key=_KEY)
 # Keyed by whether the dq kernel also accumulates the bias gradient.
 _bwd_dq = {
     False: _autotuned(_bwd_dq_kernel, DQ_CONFIGS, key=_KEY),
-    True: _autotuned(_bwd_dq_kernel, DQ_BIAS_GRAD_CONFIGS, key=_KEY, reset_to_zero=["DBias"]),
+    True: _autotuned(_bwd_dq_kernel, DQ_BIAS_GRAD_CONFIGS, key=_KEY),  # it zeroes its DBias rows itself
 }
 # The fused backward accumulates into zeroed scratches, which every autotuning trial must find zeroed.
 _bwd_fused = {
     False: _autotuned(_bwd_fused_kernel, FUSED_CONFIGS, key=_KEY, reset_to_zero=["DQAcc"]),
-    True: _autotuned(_bwd_fused_kernel, FUSED_BIAS_GRAD_CONFIGS, key=_KEY, reset_to_zero=["DQAcc", "DBias"]),
+    True: _autotuned(_bwd_fused_kernel, FUSED_BIAS_GRAD_CONFIGS, key=_KEY, reset_to_zero=["DQAcc"]),
 }
 
 

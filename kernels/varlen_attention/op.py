@@ -31,12 +31,12 @@ from omni_core.kernels.varlen_attention.configs import (
     DELTA_BLOCK_T,
     DQ_BIAS_GRAD_CONFIGS,
     FUSED_BIAS_GRAD_CONFIGS,
-    INTERPRET_CONFIG,
     _bwd_dkdv,
     _bwd_dq,
     _bwd_fused,
     _fwd,
     _tier,
+    bias_grad_block,
     seqlen_bucket,
 )
 
@@ -167,9 +167,9 @@ def _launch_bwd(do, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, max_seqlen, max
     group = H // k.shape[1]
     Tk = k.shape[0]
     if not deterministic:
-        # The bias gradient's private rows are per key block (BLOCK_N, index 1 of a config).
-        configs = [INTERPRET_CONFIG] if INTERPRET else FUSED_BIAS_GRAD_CONFIGS[tier]
-        dbias_scratch = bias_grad_buffer(Tk, B, NB, H, min(c[1] for c in configs), bias_grad, q.device)
+        # The bias gradient's private rows: one per program, a key block (BLOCK_N) each.
+        programs = scheduled_programs(Tk, B, bias_grad_block(FUSED_BIAS_GRAD_CONFIGS, tier, 1))
+        dbias_scratch = bias_grad_buffer(programs, NB, H, bias_grad and Tk > 0, q.device, _empty)
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         if Tk > 0 and max_seqlen_k > 0:  # also with no query rows: dk, dv are written (zeros)
             order, cu_sched, _, steps = schedule(cu_seqlens_k)
@@ -181,13 +181,15 @@ def _launch_bwd(do, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, max_seqlen, max
         dq = dq_acc.to(q.dtype)
     else:
         dq = _empty(q.shape, q.dtype, q.device)
-        configs = [INTERPRET_CONFIG] if INTERPRET else DQ_BIAS_GRAD_CONFIGS[tier]
-        dbias_scratch = bias_grad_buffer(T, B, NB, H, min(c[0] for c in configs), bias_grad, q.device)
+        programs = scheduled_programs(T, B, bias_grad_block(DQ_BIAS_GRAD_CONFIGS, tier, 0))
+        dbias_scratch = bias_grad_buffer(programs, NB, H, bias_grad and T > 0, q.device, _empty)
         _launch_bwd_deterministic(q, k, v, do, dq, dk, dv, lse, delta, cu_seqlens, cu_seqlens_k, max_seqlen,
                                   max_seqlen_k, scale, (table, lut, mod, pos, P, NB), dbias_scratch, bias_grad,
                                   strides, common)
     if not bias_grad:
         return dq, dk, dv, q.new_empty(0)
+    if T == 0:  # nothing launched, no row written
+        return dq, dk, dv, torch.zeros_like(bias_table)
     return dq, dk, dv, finish_bias_grad(dbias_scratch, bias_table.dtype)
 
 
