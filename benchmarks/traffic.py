@@ -507,15 +507,18 @@ BIAS_ARGS = ("bias_table", "bias_lut", "modality", "position")
 
 def attention_cases(pack: str, dtype: torch.dtype = torch.bfloat16,
                     variants: tuple[str | None, ...] = ("compact", "dense", None),
-                    deterministic: bool = False) -> list[dict[str, Any]]:
+                    fused: bool = False) -> list[dict[str, Any]]:
     """Cases ``<pack>-bias`` (a 1-D relative LUT in its compact ``[M, 2P-1]`` form),
     ``<pack>-bias-dense`` (the same LUT as ``[M, P, P]``) and ``<pack>-nobias``; with the
     variants "model" / "model-dense", ``<pack>-bias-model`` (ONE-PEACE-4B's real tables: 1-D
     log buckets with CLS entries for text and audio, BEiT's 2-D image table, in the CLS-aware
     compact ``[M, 2P+2]`` form at respaced image positions, as the model passes them) and
     ``<pack>-bias-model-dense`` (the same tables as the model's dense ``[M, P, P]`` LUT).
-    Forward and whole backward each. With ``deterministic`` the backward is the kernel's
-    atomic-free two-kernel path (case names end in ``-deterministic``), else the fused one."""
+    Forward and whole backward each, the backward on the path the kernel's dispatch rule picks
+    for the pack (``op.fused_backward``), or with ``fused`` on the fused kernel whatever the
+    lengths (case names end in ``-fused``)."""
+    from omni_core.kernels.varlen_attention import op as attention_op
+
     from omni_core.model.relpos import relative_lut
     from omni_core.ops import varlen_attention
     from omni_core.ops.attention import validate_varlen_attention
@@ -541,14 +544,18 @@ def attention_cases(pack: str, dtype: torch.dtype = torch.bfloat16,
         inputs = [q, k, v, cu, *extra.values()]
         note = f"{T} tokens, {len(seqs)} sequences, {SCALED_HEADS} of {HEADS} heads, head dim {HEAD_DIM}"
         case = {"compact": "bias", "dense": "bias-dense", None: "nobias"}.get(bias, f"bias-{bias}")
-        case += "-deterministic" if deterministic else ""
+        case += "-fused" if fused else ""
         # The value checks (cu_seqlens, LUT range: full reads of the LUT) run once per batch and
         # are memoised for every later layer: run them first, so the rows count one layer's call.
         validate_varlen_attention(q, k, v, cu, max_len, *(extra.get(n) for n in BIAS_ARGS))
-        rows += _phases("varlen_attention", f"{pack}-{case}",
-                        lambda q=q, k=k, v=v, extra=extra: varlen_attention(q, k, v, cu, max_len, **extra,
-                                                                            deterministic=deterministic),
-                        inputs, "bf16", note)
+        threshold = attention_op.FUSED_MIN_SEQLEN_K
+        attention_op.FUSED_MIN_SEQLEN_K = 0 if fused else threshold
+        try:
+            rows += _phases("varlen_attention", f"{pack}-{case}",
+                            lambda q=q, k=k, v=v, extra=extra: varlen_attention(q, k, v, cu, max_len, **extra),
+                            inputs, "bf16", note)
+        finally:
+            attention_op.FUSED_MIN_SEQLEN_K = threshold
     return rows
 
 
@@ -643,10 +650,8 @@ CASES: dict[str, Callable[[], list[dict[str, Any]]]] = {
     "varlen_attention/stage2": lambda: attention_cases("stage2"),
     "varlen_attention/stage1-model": lambda: attention_cases("stage1", variants=("model", "model-dense")),
     "varlen_attention/stage2-model": lambda: attention_cases("stage2", variants=("model", "model-dense")),
-    "varlen_attention/stage1-deterministic": lambda: attention_cases("stage1", variants=("model", None),
-                                                                       deterministic=True),
-    "varlen_attention/stage2-deterministic": lambda: attention_cases("stage2", variants=("model", None),
-                                                                       deterministic=True),
+    "varlen_attention/stage1-fused": lambda: attention_cases("stage1", variants=("model", None), fused=True),
+    "varlen_attention/stage2-fused": lambda: attention_cases("stage2", variants=("model", None), fused=True),
     "routed_ffn/stage1": lambda: _ffn_rows("stage1"),
     "routed_ffn/stage2": lambda: _ffn_rows("stage2"),
     "layer_norm/stage1": lambda: layer_norm_cases("stage1"),

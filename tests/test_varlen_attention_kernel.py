@@ -118,21 +118,36 @@ def check_against_references(pack: dict, dtype: torch.dtype, deterministic: bool
         assert err <= limit, f"{name}: error {err:.3e} > bound {limit:.3e} (torch {dtype} error {base_err:.3e})"
 
 
-# (dtype, backward path): the fused backward (the default) in every dtype, the deterministic
-# two-kernel path in fp32 and bf16 (the suite's time is shared).
+# (dtype, backward path): the fused backward (forced: these packs are shorter than the rule's
+# FUSED_MIN_SEQLEN_K) in every dtype, the two-kernel path (deterministic=True) in fp32 and bf16
+# (the suite's time is shared).
 PATHS = [(dtype, False) for dtype in DTYPES] + [(torch.float32, True), (torch.bfloat16, True)]
 
 
 def _path_id(param) -> str:
     return str(param).removeprefix("torch.") if isinstance(param, torch.dtype) else (
-        "deterministic" if param else "fused")
+        "two_kernel" if param else "fused")
+
+
+def force_path(monkeypatch, deterministic: bool) -> None:
+    """deterministic=False runs the fused backward whatever the length (the rule's threshold 0)."""
+    if not deterministic:
+        monkeypatch.setattr(va, "FUSED_MIN_SEQLEN_K", 0)
 
 
 @pytest.mark.parametrize("dtype, deterministic", PATHS, ids=_path_id)
 @pytest.mark.parametrize("case", list(CASES))
-def test_forward_and_gradients(case, dtype, deterministic, poisoned):
+def test_forward_and_gradients(case, dtype, deterministic, poisoned, monkeypatch):
     lengths, H, D, bias, lut = CASES[case]
+    force_path(monkeypatch, deterministic)
     check_against_references(make_pack(lengths, H, D, bias, lut=lut), dtype, deterministic)
+
+
+def test_backward_dispatch_rule():
+    """Fused when not deterministic and the longest key sequence reaches FUSED_MIN_SEQLEN_K."""
+    n = va.FUSED_MIN_SEQLEN_K
+    assert va.fused_backward(False, n) and not va.fused_backward(False, n - 1)
+    assert not va.fused_backward(True, 10 * n)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -169,6 +184,7 @@ def test_grids_have_no_dimension_bounded_by_the_number_of_sequences(monkeypatch)
     for name in ("_fwd", "_bwd_dkdv", "_bwd_dq", "_bwd_fused"):
         monkeypatch.setattr(va, name, Spy())
     monkeypatch.setattr(va, "_delta", lambda do, out: out.new_zeros(out.shape[1], out.shape[0]))
+    force_path(monkeypatch, False)
     B, H = 70_000, 2
     q = torch.randn(B, H, 8)
     cu = torch.arange(B + 1, dtype=torch.int32)
@@ -199,11 +215,12 @@ def test_bias_gradient_scratch_rows_match_the_grid():
         assert all(len({c[index] for c in tier}) == 1 for tier in table.values())
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["fused", "deterministic"])
-def test_gradients_are_bitwise_repeatable(deterministic):
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fused", "two_kernel"])
+def test_gradients_are_bitwise_repeatable(deterministic, monkeypatch):
     """Both paths repeat dk, dv and d bias_table bit for bit (no atomics there); the
     deterministic path dq too (the fused path's dq atomics may reorder on a GPU)."""
     pack = make_pack([5, 70, 9], 1, 32, "joint", seed=2, lut="random")
+    force_path(monkeypatch, deterministic)
     first, second = (run(va.varlen_attention_triton, pack, torch.float16, deterministic=deterministic)
                      for _ in range(2))
     names = ["out", "dq", "dk", "dv", "dbias_table"]
@@ -263,7 +280,7 @@ def test_model_luts_compact_equals_dense_bit_for_bit():
     check_against_references(as_compact, torch.bfloat16)
 
 
-def test_atomics_are_only_the_fused_dq():
+def test_atomics_are_only_the_fused_dq(monkeypatch):
     """Counted by the traffic model's interpreter hooks: the deterministic backward issues no
     atomic; the fused one only its dq adds (as many with the bias gradient as without: that
     gradient takes none), each dq element hit once per key block of its sequence."""
@@ -289,6 +306,8 @@ def test_atomics_are_only_the_fused_dq():
 
     deterministic = kernels(deterministic=True)
     assert any("dq" in x.name for x in deterministic) and sum(x.atomics for x in deterministic) == 0
+    assert sum(x.atomics for x in kernels()) == 0  # 130 keys: the rule takes the two kernels
+    force_path(monkeypatch, False)
     fused = [x for x in kernels() if x.atomics]
     assert [x.name for x in fused] == ["_bwd_fused_kernel"]
     key_blocks = -(-130 // configs.INTERPRET_CONFIG[1])
@@ -477,7 +496,8 @@ def run_modes(fn, pack: dict, dtype: torch.dtype, table_dtype: torch.dtype | Non
 
 @pytest.mark.parametrize("dtype, deterministic", PATHS, ids=_path_id)
 @pytest.mark.parametrize("case", list(MODE_CASES))
-def test_decoder_modes_forward_lse_and_gradients(case, dtype, deterministic, poisoned):
+def test_decoder_modes_forward_lse_and_gradients(case, dtype, deterministic, poisoned, monkeypatch):
+    force_path(monkeypatch, deterministic)
     seed = fresh_seed()
     pack = make_mode_pack(case, seed)
     got = run_modes(va.varlen_attention_triton, pack, dtype, deterministic=deterministic)
@@ -541,6 +561,7 @@ def test_deterministic_flag_picks_the_atomic_free_backward(monkeypatch):
 
     monkeypatch.setattr(va, "_launch_bwd", spy)
     monkeypatch.setenv("OMNI_BACKEND", "triton")
+    force_path(monkeypatch, False)
     a = _good()
     grads = []
     for deterministic in (False, True, "torch"):

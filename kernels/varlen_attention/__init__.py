@@ -40,13 +40,16 @@ How it works
 * **Forward.** Online softmax in base 2 (``exp2`` is one instruction); the row
   log-sum-exp (base 2) is saved for the backward and returned (natural log) on request.
 * **Backward.** ``delta = rowsum(dO * O)`` (a preprocess kernel), then the probabilities are
-  recomputed from the saved log-sum-exp. By default FlashAttention-2's fused kernel: one
-  program per (key block, key head) accumulates ``dk, dv`` over the query blocks (and the
-  query heads of its group) and adds each tile's ``dq`` into an fp32 scratch by atomics (cast
-  after the launch): 5 GEMMs per tile pair. With ``deterministic=True`` (or
-  ``torch.use_deterministic_algorithms``) two atomic-free kernels instead: dk/dv per key
-  block, dq per query block summed in order (7 GEMMs: S and dP are computed twice), so dq is
-  bit-repeatable too. When ``bias_table`` needs no gradient the bias-gradient code is
+  recomputed from the saved log-sum-exp, on one of two paths (``op.fused_backward``). For
+  packs with a key sequence of ``op.FUSED_MIN_SEQLEN_K`` (768) keys or more, FlashAttention-2's
+  fused kernel: one program per (key block, key head) accumulates ``dk, dv`` over the query
+  blocks (and the query heads of its group) and adds each tile's ``dq`` into an fp32 scratch
+  by atomics (cast after the launch): 5 GEMMs per tile pair. Shorter packs, and any pack with
+  ``deterministic=True`` (or ``torch.use_deterministic_algorithms``), take two atomic-free
+  kernels: dk/dv per key block, dq per query block summed in order (7 GEMMs: S and dP are
+  computed twice), bit-repeatable; for short keys the two GEMMs cost less than the fused
+  path's fp32 dq scratch traffic (the traffic model's crossover is near 800 keys on H100).
+  When ``bias_table`` needs no gradient the bias-gradient code is
   compiled out (``BIAS_GRAD=False``) and no scratch is allocated.
 * **Bias gradient: no atomics, deterministic on both paths.** The kernel that holds ``dS``
   (the fused one, or the deterministic path's dq kernel) reduces each tile along its token

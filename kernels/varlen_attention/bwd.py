@@ -4,9 +4,9 @@ Varlen attention, backward kernels
 
 A preprocess kernel computes ``delta = rowsum(dO * O)`` (fp32, ``[H, T]`` like the lse); the
 gradients then recompute the probabilities from the saved base-2 log-sum-exp, on one of two
-paths (``op._launch_bwd`` picks):
+paths (``op.fused_backward`` picks: fused for long keys unless deterministic):
 
-* **fused** (the default, FlashAttention-2's): one program per key block accumulates ``dk,
+* **fused** (FlashAttention-2's): one program per key block accumulates ``dk,
   dv`` over the query blocks (and over the query heads of a grouped-query group) and adds
   each tile's ``dq`` into an fp32 scratch by atomics, and, when asked, the bias gradient
   into per-key-block private rows (``bias_grad.py``): 5 GEMMs per tile pair;

@@ -147,11 +147,28 @@ def _delta(do: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return delta
 
 
+# The fused backward saves 2 of the 7 GEMMs of a tile pair but moves more bytes: its dq goes
+# through an fp32 scratch (zero-fill, atomic read-modify-writes, a cast pass), where the dq
+# kernel reads q, dO, k, v and writes dq once. The saved GEMMs grow with the key length, the
+# extra bytes do not: in the traffic model (bf16, head dim 64, 2048 tokens of 2 heads,
+# sequences of one length L; fused / two-kernel modelled time) L 256: 1.15 (H100) / 1.12
+# (A100), 512: 1.11 / 0.93, 1024: 0.93 / 0.83, 2048: 0.83 / 0.77 — the H100 crossover is
+# near 800 keys (A100 near 420). ONE-PEACE's packs (sequences of a few hundred tokens) stay
+# on the two kernels.
+FUSED_MIN_SEQLEN_K = 768
+
+
+def fused_backward(deterministic: bool, max_seqlen_k: int) -> bool:
+    """The dispatch rule of the backward: the fused kernel (5 GEMMs a tile pair, dq by fp32
+    atomics) when not ``deterministic`` and the longest key sequence has at least
+    ``FUSED_MIN_SEQLEN_K`` keys; else the two atomic-free kernels (7 GEMMs, dq summed in
+    order, bit-repeatable as flash-attn's ``deterministic=True``)."""
+    return not deterministic and max_seqlen_k >= FUSED_MIN_SEQLEN_K
+
+
 def _launch_bwd(do, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, scale, causal,
                 bias_table, bias_lut, modality, position, bias_grad, deterministic):
-    """Gradients (dq, dk, dv, d bias_table). The dispatch rule: the fused kernel (5 GEMMs a tile
-    pair, dq by fp32 atomics) unless ``deterministic``, then the two atomic-free kernels (7
-    GEMMs, dq summed in order): bit-repeatable, as flash-attn's ``deterministic=True``."""
+    """Gradients (dq, dk, dv, d bias_table), on the path ``fused_backward`` picks."""
     T, H, Dh = q.shape
     B = cu_seqlens.numel() - 1
     do = do.contiguous()
@@ -166,7 +183,7 @@ def _launch_bwd(do, q, k, v, out, lse, cu_seqlens, cu_seqlens_k, max_seqlen, max
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     group = H // k.shape[1]
     Tk = k.shape[0]
-    if not deterministic:
+    if fused_backward(deterministic, max_seqlen_k):
         # The bias gradient's private rows: one per program, a key block (BLOCK_N) each.
         programs = scheduled_programs(Tk, B, bias_grad_block(FUSED_BIAS_GRAD_CONFIGS, tier, 1))
         dbias_scratch = bias_grad_buffer(programs, NB, H, bias_grad and Tk > 0, q.device, _empty)
@@ -304,10 +321,11 @@ def varlen_attention_triton(
     torch.compile. With ``return_lse`` also the natural-log LSE ``[H, T]`` fp32 (not
     differentiable, as flash-attn's).
 
-    The backward is FlashAttention-2's fused kernel, whose ``dq`` is summed by fp32 atomics
-    (on a GPU, its last bits vary from run to run); with ``deterministic=True`` (flash-attn's
-    flag) or under ``torch.use_deterministic_algorithms(True)`` it is the two atomic-free
-    kernels instead, bit-repeatable and about 7/5 of the tensor-core work. ``dk``, ``dv`` and
+    The backward of packs with a key sequence of ``FUSED_MIN_SEQLEN_K`` or more is
+    FlashAttention-2's fused kernel, whose ``dq`` is summed by fp32 atomics (on a GPU, its
+    last bits vary from run to run); shorter packs, and every pack with ``deterministic=True``
+    (flash-attn's flag) or under ``torch.use_deterministic_algorithms(True)``, take the two
+    atomic-free kernels, bit-repeatable (see ``fused_backward``). ``dk``, ``dv`` and
     ``d bias_table`` are bit-repeatable on both paths."""
     _check(q, k, v, cu_seqlens, cu_seqlens_k, (bias_table, bias_lut, modality, position))
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])

@@ -9,8 +9,8 @@
 * :func:`flash_attn_with_kvcache` — decoding over a KV cache (no rotary, no paging).
 
 ``deterministic=True`` makes the Triton kernel's backward take its atomic-free two-kernel path
-(bit-repeatable ``dq``; the default fused backward sums ``dq`` by fp32 atomics, as flash-attn's);
-the other backends are deterministic anyway. Features omni-core does not implement —
+(bit-repeatable ``dq``; the fused backward it runs for long keys sums ``dq`` by fp32 atomics, as
+flash-attn's); the other backends are deterministic anyway. Features omni-core does not implement —
 dropout, sliding windows, softcap, ALiBi, paged KV caches (``block_table``), rotary embedding
 inside the call, cache index remapping — raise ``NotImplementedError`` naming them.
 """
