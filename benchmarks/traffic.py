@@ -559,6 +559,41 @@ def attention_cases(pack: str, dtype: torch.dtype = torch.bfloat16,
     return rows
 
 
+def attention_path_sweep(lengths: tuple[int, ...] = (256, 512, 1024, 2048), tokens: int = 2048
+                         ) -> list[dict[str, Any]]:
+    """The attention backward on both paths (fused forced, two-kernel) for packs of ``tokens``
+    tokens in sequences of one length L, no bias, bf16, head dim 64, 2 heads: the data behind
+    the dispatch rule's FUSED_MIN_SEQLEN_K (``kernels/varlen_attention/op.py``). Rows
+    ``sweep-L<L>-fused`` / ``-two_kernel``; the fused rows carry ``over_two_kernel`` (H100 and
+    A100 modelled time ratios)."""
+    from omni_core.kernels.varlen_attention import op as attention_op
+
+    rows = []
+    for L in lengths:
+        n = max(1, tokens // L)
+        cu = torch.arange(0, (n + 1) * L, L, dtype=torch.int32)
+        g = torch.Generator().manual_seed(0)
+        q, k, v, dout = (torch.randn(n * L, SCALED_HEADS, HEAD_DIM, generator=g).bfloat16() for _ in range(4))
+        ideal = _nbytes(q, k, v, dout, q, k, v, q) + 2 * n * L * SCALED_HEADS * 4  # + out; grads; lse, delta
+        pair = {}
+        for path in ("fused", "two_kernel"):
+            qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+            threshold = attention_op.FUSED_MIN_SEQLEN_K
+            attention_op.FUSED_MIN_SEQLEN_K = 0 if path == "fused" else threshold
+            try:
+                out = attention_op.varlen_attention_triton(qq, kk, vv, cu, L, None, None, None, None, None,
+                                                           deterministic=path == "two_kernel")
+                launches, _ = count(lambda out=out, dout=dout: out.backward(dout))
+            finally:
+                attention_op.FUSED_MIN_SEQLEN_K = threshold
+            pair[path] = summarise("varlen_attention_bwd", f"sweep-L{L}-{path}", launches, ideal, "bf16",
+                                   f"{n} sequences of {L}, {SCALED_HEADS} heads, head dim {HEAD_DIM}")
+        pair["fused"]["over_two_kernel"] = {gpu: pair["fused"][f"{gpu}_ms"] / pair["two_kernel"][f"{gpu}_ms"]
+                                            for gpu in ("h100", "a100")}
+        rows += [pair["fused"], pair["two_kernel"]]
+    return rows
+
+
 def _model_lut(compact: bool, modality: torch.Tensor,
                position: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
     """ONE-PEACE-4B's LUT as ``OmniModel.encode`` passes it: (lut, table rows, positions);
@@ -725,7 +760,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--case", default=None, help="only cases whose name contains SUBSTR")
     parser.add_argument("--ffn-shape", action="append", type=_shape, metavar="TxDxF",
                         help="only the routed FFN, carried to T tokens, width D, hidden F (repeatable)")
+    parser.add_argument("--attention-sweep", action="store_true",
+                        help="only the attention backward on both paths for sequence lengths 256..2048")
     args = parser.parse_args(argv)
+    if args.attention_sweep:
+        os.environ["OMNI_BACKEND"] = "triton"
+        rows = attention_path_sweep()
+        for r in rows:
+            r.pop("_launches", None)
+        print(json.dumps(rows, indent=1) if args.json else "\n".join(
+            [HEADER, format_row(None), *map(format_row, rows)]
+            + [f"{r['case']}: fused / two-kernel modelled time H100 {r['over_two_kernel']['h100']:.3f}, "
+               f"A100 {r['over_two_kernel']['a100']:.3f}" for r in rows if "over_two_kernel" in r]))
+        return 0
     shapes = {f"T{T}-D{D}-F{F}": (T, D, F) for T, D, F in args.ffn_shape or []}
     start = time.time()
     if args.json:

@@ -100,3 +100,13 @@ def test_json_report_rows(monkeypatch, capsys):
     # forward: x read, y written (17 x 48 bf16 each), weight and bias, the fp32 statistics
     fwd = rows[0]
     assert fwd["ideal_bytes"] == 2 * 17 * 48 * 2 + 2 * 48 * 2
+
+
+def test_attention_path_sweep_compares_both_backward_paths():
+    """The data behind the attention backward's dispatch rule: both paths on one pack, the fused
+    one with 5/7 of the two kernels' FLOPs and dq atomics, the two kernels with none."""
+    fused, two = traffic.attention_path_sweep(lengths=(128,), tokens=128)
+    assert (fused["case"], two["case"]) == ("sweep-L128-fused", "sweep-L128-two_kernel")
+    assert fused["flops"] * 7 == two["flops"] * 5
+    assert fused["atomics"] > 0 and two["atomics"] == 0
+    assert fused["over_two_kernel"]["h100"] == fused["h100_ms"] / two["h100_ms"]
