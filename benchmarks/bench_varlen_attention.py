@@ -24,6 +24,9 @@ kernel: this row is the measurement that decides whether a 64+16 column split is
 it) and 128; omni against ``flash_attn_varlen_func(causal=True)``. FLOPs count the pairs
 the causal mask keeps, Σ L(L+1)/2.
 
+Backward-path rows (``test_backward_path_crossover``): the fused and the two-kernel backward on
+sequences of 256-2048 tokens, the GPU check of the dispatch rule's length threshold.
+
 Decode rows (``test_decode_throughput``): one new token for 16 sequences against caches of
 512-16384 tokens (32 query heads over 8 key heads, dim 128), omni's split-KV kernel
 (``ops.attention_with_kvcache``) against ``flash_attn_with_kvcache``; ``extra_info``
@@ -210,6 +213,37 @@ def test_causal_gqa_throughput(benchmark, peer, direction, head_dim, monkeypatch
     assert out.shape == q.shape and torch.isfinite(out).all()
     useful = 4.0 * sum(n * (n + 1) // 2 for n in lengths) * head_dim * DEC_HEADS * (3.5 if grad else 1.0)
     benchmark.extra_info["tflops"] = useful / benchmark.stats.stats.median / 1e12
+
+
+# ----------------------------------------------------------------------------- backward paths
+
+@pytest.mark.parametrize("path", ["fused", "two_kernel"])
+@pytest.mark.parametrize("length", [256, 512, 1024, 2048])
+def test_backward_path_crossover(benchmark, length, path, monkeypatch):
+    """The attention backward on each path (the fused kernel forced, or the two kernels) for
+    sequences of one length, 24 heads of dim 64, 64k tokens, bf16: the measurement that checks
+    the dispatch rule's FUSED_MIN_SEQLEN_K, which comes from the traffic model
+    (``python benchmarks/traffic.py --attention-sweep``: fused / two-kernel H100 time 1.15,
+    1.11, 0.93, 0.83 at these lengths). ``extra_info`` has the backward's useful TFLOP/s."""
+    from omni_core.kernels.varlen_attention import op as attention_op
+
+    monkeypatch.setattr(attention_op, "FUSED_MIN_SEQLEN_K", 0 if path == "fused" else 1 << 30)
+    n = (1 << 16) // length
+    cu = torch.arange(0, (n + 1) * length, length, dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(n * length, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    out = attention_op.varlen_attention_triton(q, k, v, cu, length, None, None, None, None, None)
+    dout = torch.randn_like(out)
+
+    def step():
+        q.grad = k.grad = v.grad = None
+        out.backward(dout, retain_graph=True)
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(step, rounds=10, warmup_rounds=3)
+    useful = 2.5 * 4.0 * n * length * length * HEAD_DIM * HEADS  # 5 matmuls over the pairs
+    benchmark.extra_info["tflops"] = useful / benchmark.stats.stats.median / 1e12
+    assert torch.isfinite(q.grad).all()
 
 
 def _omni_decode():
