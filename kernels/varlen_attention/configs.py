@@ -8,6 +8,7 @@ gets a single config), and the configs the static report compiles ahead of time.
 
 from __future__ import annotations
 
+import torch
 import triton
 from omni_core.kernels._aot import AotConfig
 from omni_core.kernels.varlen_attention.bwd import (
@@ -86,6 +87,12 @@ FUSED_CONFIGS = {
     ("fp32", 128): [(16, 16, 8, 1)],
     ("fp32", 256): [(16, 16, 8, 1)],
 }
+# Hopper only (tried on sm_90 only, compiled for sm_90 only by the report): 64 query rows, so
+# all five dots run as warpgroup MMA (HGMMA) without spills; on sm_80 they spill 92-304 B, and
+# at D_PAD 128 they spill on sm_90 too (100-388 B).
+FUSED_HOPPER_CONFIGS = {
+    ("half", 64): [(64, 64, 8, 2), (64, 64, 8, 3), (64, 128, 8, 2)],
+}
 FUSED_BIAS_GRAD_CONFIGS = {
     ("half", 64): [(16, 32, 8, 2)],  # 32 x 32 spills 16 B at D 32 on sm_80
     ("half", 128): [(16, 32, 8, 1)],
@@ -124,15 +131,32 @@ def _tier(head_dim: int, dtype: str) -> tuple[str, int]:
     return ("fp32" if dtype == "fp32" else "half", max(64, _d_pad(head_dim)))
 
 
-def _autotuned(fn, table: dict[tuple[str, int], list[tuple[int, int, int, int]]], **kwargs) -> dict:
-    """One autotuner per (operand kind, head-dim tier); the interpreter gets its single config."""
+def _on_hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+def _hopper_last(portable: int):
+    """Autotuner pruning: the first ``portable`` configs everywhere, the rest on sm_90+ only."""
+    def prune(candidates, named_args, **_):
+        return candidates if _on_hopper() else candidates[:portable]
+    return prune
+
+
+def _autotuned(fn, table: dict[tuple[str, int], list[tuple[int, int, int, int]]],
+               hopper: dict[tuple[str, int], list[tuple[int, int, int, int]]] | None = None, **kwargs) -> dict:
+    """One autotuner per (operand kind, head-dim tier); the interpreter gets its single config.
+    ``hopper`` configs are appended and pruned at launch time unless the device is sm_90+ (asked
+    then, not at import, so importing never initialises CUDA)."""
     tuned = {}
     for tier, configs in table.items():
+        extra = [] if INTERPRET else (hopper or {}).get(tier, [])
         if INTERPRET:
             configs = [INTERPRET_CONFIG]
+
         tuned[tier] = triton.autotune(
             [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-             for bm, bn, w, st in configs], **kwargs)(fn)
+             for bm, bn, w, st in [*configs, *extra]],
+            prune_configs_by={"early_config_prune": _hopper_last(len(configs))} if extra else None, **kwargs)(fn)
     return tuned
 
 
@@ -149,7 +173,7 @@ _bwd_dq = {
 }
 # The fused backward accumulates into zeroed scratches, which every autotuning trial must find zeroed.
 _bwd_fused = {
-    False: _autotuned(_bwd_fused_kernel, FUSED_CONFIGS, key=_KEY, reset_to_zero=["DQAcc"]),
+    False: _autotuned(_bwd_fused_kernel, FUSED_CONFIGS, FUSED_HOPPER_CONFIGS, key=_KEY, reset_to_zero=["DQAcc"]),
     True: _autotuned(_bwd_fused_kernel, FUSED_BIAS_GRAD_CONFIGS, key=_KEY, reset_to_zero=["DQAcc"]),
 }
 
@@ -184,32 +208,34 @@ def aot_configs() -> list[AotConfig]:
     for dtype in ("fp16", "bf16", "fp32"):
         elem = 4 if dtype == "fp32" else 2
         for head_dim in AOT_HEAD_DIMS:
-            kernels = (
-                ("varlen_attention_fwd", _fwd_kernel, FWD_CONFIGS, {}, False),
-                ("varlen_attention_bwd_dkdv", _bwd_dkdv_kernel, DKDV_CONFIGS, {}, True),
-                ("varlen_attention_bwd_dq", _bwd_dq_kernel, DQ_CONFIGS, {"BIAS_GRAD": False}, True),
-                ("varlen_attention_bwd_dq_bias_grad", _bwd_dq_kernel, DQ_BIAS_GRAD_CONFIGS, {"BIAS_GRAD": True},
-                 True),
-                ("varlen_attention_bwd_fused", _bwd_fused_kernel, FUSED_CONFIGS, {"BIAS_GRAD": False}, True),
-                ("varlen_attention_bwd_fused_bias_grad", _bwd_fused_kernel, FUSED_BIAS_GRAD_CONFIGS,
-                 {"BIAS_GRAD": True}, True),
+            no_grad, grad = {"BIAS_GRAD": False}, {"BIAS_GRAD": True}
+            kernels = (  # (name, kernel, configs, constexprs, backward, targets)
+                ("varlen_attention_fwd", _fwd_kernel, FWD_CONFIGS, {}, False, (80, 90)),
+                ("varlen_attention_bwd_dkdv", _bwd_dkdv_kernel, DKDV_CONFIGS, {}, True, (80, 90)),
+                ("varlen_attention_bwd_dq", _bwd_dq_kernel, DQ_CONFIGS, no_grad, True, (80, 90)),
+                ("varlen_attention_bwd_dq_bias_grad", _bwd_dq_kernel, DQ_BIAS_GRAD_CONFIGS, grad, True, (80, 90)),
+                ("varlen_attention_bwd_fused", _bwd_fused_kernel, FUSED_CONFIGS, no_grad, True, (80, 90)),
+                ("varlen_attention_bwd_fused", _bwd_fused_kernel, FUSED_HOPPER_CONFIGS, no_grad, True, (90,)),
+                ("varlen_attention_bwd_fused_bias_grad", _bwd_fused_kernel, FUSED_BIAS_GRAD_CONFIGS, grad, True,
+                 (80, 90)),
             )
             for causal in (False, True):
                 common = {"HEAD_DIM": head_dim, "D_PAD": _d_pad(head_dim), "HAS_BIAS": not causal,
                           "LUT_FORM": not causal, "CAUSAL": causal, "UPCAST": False, "IEEE": dtype == "fp32"}
-                for name, fn, tuned, extra, backward in kernels:
+                for name, fn, tuned, extra, backward, targets in kernels:
                     if causal and name.endswith("_bias_grad"):
                         continue  # without a bias there is no bias gradient
                     flops, nbytes = _reference_cost(head_dim, elem, backward, causal)
-                    for bm, bn, warps, stages in tuned[_tier(head_dim, dtype)]:
+                    for bm, bn, warps, stages in tuned.get(_tier(head_dim, dtype), []):
                         consts = {**common, **extra, "BLOCK_M": bm, "BLOCK_N": bn}
                         configs.append(AotConfig(
                             kernel=name, fn=fn, signature=_signature(fn, dtype, consts), constexprs=consts,
                             num_warps=warps, num_stages=stages, dtype=dtype,
                             label=f"D={head_dim} BM={bm} BN={bn} w={warps} s={stages}"
-                                  + (" causal" if causal else " bias"),
+                                  + (" causal" if causal else " bias") + (" sm_90 only" if targets == (90,) else ""),
                             flops=flops, min_bytes=nbytes,
                             divisible_by_16=tuple(a for a in fn.arg_names if a.startswith("stride_")),
+                            extra={"targets": targets},
                         ))
         for head_dim in AOT_HEAD_DIMS:  # the delta preprocess: one config, no causal/bias variants
             block_t = DELTA_BLOCK_T[_d_pad(head_dim) > 128]
