@@ -48,6 +48,7 @@ def bias_grad_abs_sums(pack: dict, causal: bool = False) -> torch.Tensor:
     not by the precision alone: a result whose terms each carry relative error d is off
     by at most d * ||sum |dS| ||. The tests scale their bound for d bias_table with it."""
     q, k, v, do = (pack[n].double() for n in ("q", "k", "v", "dout"))
+    k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))  # grouped-query heads
     table, lut, modality, position = pack["table"].double(), pack["lut"], pack["modality"], pack["position"]
     sums = torch.zeros(table.shape, dtype=torch.float64)
     bounds = pack["cu"].tolist()

@@ -456,6 +456,7 @@ MODE_CASES = {
     "cross_empty_keys_gqa_8_2": ([5, 9, 2], [0, 33, 0], 8, 2, 16, False, None),
     "mqa_4_1_d8": ([17, 66], None, 4, 1, 8, False, None),
     "bias_causal_d256": ([1, 2, 61, 3, 67], None, 2, 2, 256, True, "joint"),
+    "bias_gqa_4_2": ([5, 70, 9], None, 4, 2, 32, False, "joint"),  # the fused kernel's group loop
 }
 
 
